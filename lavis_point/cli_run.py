@@ -1,0 +1,76 @@
+"""What ``train.py`` and ``evaluate.py`` share: LAVIS's flags, distributed set-up that works without
+torchrun and on CPU, and the run folder.
+
+LAVIS's ``init_distributed_mode`` calls ``torch.cuda.set_device`` and hard-codes nccl; ours picks
+gloo on CPU and nccl on GPU and leaves a plain single process alone. A relative ``run.output_dir``
+is taken relative to the working directory (LAVIS would join it with its site-packages folder), and
+``run.job_id`` names the run folder (default: a timestamp, as in LAVIS), so a stage-2 YAML can name
+the stage-1 checkpoint it starts from.
+"""
+import argparse
+import datetime
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import lavis_point  # noqa: F401  (registers our models, datasets, tasks, runner)
+from lavis.common.config import Config
+from lavis.common.dist_utils import get_rank, setup_for_distributed
+from lavis.common.logger import setup_logger
+from lavis.common.registry import registry
+from lavis.runners.runner_base import RunnerBase
+
+
+def parse_args(description):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg-path", required=True, help="path to configuration file.")
+    parser.add_argument("--options", nargs="+", help="override settings in the config: key=value ...")
+    return parser.parse_args()
+
+
+def init_distributed(run_cfg):
+    """Under torchrun: one process group, gloo on CPU, nccl on GPU. Otherwise a plain process."""
+    if run_cfg.device == "cuda" and not torch.cuda.is_available():
+        logging.warning("run.device is cuda but no GPU is visible: running on CPU")
+        run_cfg.device = "cpu"
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        run_cfg.distributed = False
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    on_gpu = run_cfg.device == "cuda"
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    run_cfg.distributed, run_cfg.gpu = True, local_rank
+    run_cfg.rank, run_cfg.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group(backend="nccl" if on_gpu else "gloo", init_method="env://",
+                            timeout=datetime.timedelta(minutes=60))
+    dist.barrier()
+    setup_for_distributed(get_rank() == 0)
+
+
+def setup_seeds(run_cfg):
+    seed = int(run_cfg.get("seed", 42)) + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_runner(description):
+    args = parse_args(description)
+    cfg = Config(args)
+    run_cfg = cfg.run_cfg
+    init_distributed(run_cfg)
+    setup_seeds(run_cfg)
+    setup_logger()
+    run_cfg.output_dir = os.path.abspath(run_cfg.get("output_dir", "output"))
+    job_id = str(run_cfg.get("job_id") or datetime.datetime.now().strftime("%Y%m%d%H%M"))
+    cfg.pretty_print()
+    task = registry.get_task_class(run_cfg.task).setup_task(cfg=cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner_cls = registry.get_runner_class(run_cfg.get("runner", "runner_point")) or RunnerBase
+    return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)

@@ -1,0 +1,122 @@
+"""One checkpoint contract for every model, resume and eval.
+
+- Files are read with ``torch.load(weights_only=True)``: a checkpoint cannot run code when read.
+- A state dict may sit bare, under ``"model"`` or ``"state_dict"``, with or without ``module.``.
+- Keys of *frozen* top-level parts (a frozen encoder, a frozen OPT) may be absent: runner checkpoints
+  leave them out. They are reported, never required.
+- Keys a model declares ignorable (regexes: stage-1 heads when stage 2 starts from a stage-1 file,
+  an image encoder in a BLIP-2 file) are reported and skipped.
+- Keys a model declares optional for a load (what stage 2 adds to a stage-1 file) may be absent.
+- Anything else missing, unexpected or mis-shaped stops with an error that lists the keys.
+"""
+import logging
+import os
+import pickle
+import re
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def read_checkpoint(path: str) -> dict:
+    """The whole checkpoint object (a dict of plain data and tensors) from ``path``."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects beyond tensors and plain containers, and "
+            f"lavis-point only reads checkpoints with weights_only=True ({str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def state_dict_of(obj: dict, path: str = "") -> dict:
+    """The tensor mapping inside a checkpoint object, with any DDP ``module.`` prefix removed."""
+    for key in ("model", "state_dict"):
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: no state dict of tensors found (keys: {sorted(obj)[:10]})")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def select_prefix(state_dict: dict, prefix: str) -> dict:
+    """Entries under ``prefix`` with the prefix removed; the whole dict when no key has it."""
+    if not any(k.startswith(prefix) for k in state_dict):
+        return dict(state_dict)
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def frozen_prefixes(model: torch.nn.Module) -> list:
+    """Top-level children whose parameters are all frozen: runner checkpoints leave them out."""
+    out = []
+    for name, child in model.named_children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            out.append(name + ".")
+    return out
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict:
+    """The state dict without the frozen top-level parts (what our runner saves)."""
+    skip = tuple(frozen_prefixes(model))
+    return {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
+
+
+def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), ignore_patterns=()):
+    """Load ``state_dict`` into ``model`` under the contract above; returns a summary dict."""
+    optional = tuple(optional_prefixes) + tuple(frozen_prefixes(model))
+    ignore = [re.compile(p) for p in ignore_patterns]
+    own = model.state_dict()
+    unexpected = [k for k in state_dict if k not in own]
+    ignored = [k for k in unexpected if any(p.match(k) for p in ignore)]
+    unexpected = [k for k in unexpected if k not in ignored]
+    missing = [k for k in own if k not in state_dict]
+    absent_ok = [k for k in missing if optional and k.startswith(optional)]
+    missing = [k for k in missing if k not in absent_ok]
+    mis_shaped = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if mis_shaped:
+        problems.append(f"mis-shaped keys ({len(mis_shaped)}): {mis_shaped}")
+    if problems:
+        raise CheckpointError(f"{source}: cannot load into {type(model).__name__}:\n  " + "\n  ".join(problems))
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    summary = {
+        "source": source,
+        "loaded": len(state_dict) - len(ignored),
+        "absent_frozen_or_optional": len(absent_ok),
+        "ignored": len(ignored),
+    }
+    log.info(
+        "%s: loaded %d tensors into %s; %d absent (frozen/optional parts: %s); %d ignored",
+        source, summary["loaded"], type(model).__name__, len(absent_ok),
+        sorted({k.split(".")[0] for k in absent_ok}), len(ignored),
+    )
+    return summary
+
+
+def save_checkpoint_atomic(obj: dict, path: str) -> None:
+    """Write to a temporary file beside ``path`` and rename: a kill never leaves half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,54 @@
+"""Stage-1 losses beside the model: point-text contrastive (ITC) and hard-negative sampling for
+matching (ITM). One code path: with one process ``gather`` returns its input unchanged."""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def world():
+    """(rank, world_size), (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0; this rank's slice keeps its gradient."""
+    rank, size = world()
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+def contrastive_similarities(point_feats, text_feat, temp):
+    """point_feats (B, Q, D) and text_feat (B, D), both normalised -> (sim_p2t, sim_t2p), each
+    (B, world*B): the best-matching query decides a point cloud's similarity to a text (BLIP-2)."""
+    all_points, all_text = gather(point_feats), gather(text_feat)
+    sim_p2t = torch.einsum("bqd,td->bqt", point_feats, all_text).max(dim=1).values / temp
+    sim_t2p = torch.einsum("td,bqd->tbq", text_feat, all_points).max(dim=-1).values / temp
+    return sim_p2t, sim_t2p
+
+
+def contrastive_loss(sim_p2t, sim_t2p, label_smoothing=0.1):
+    rank, _ = world()
+    batch = sim_p2t.shape[0]
+    targets = torch.arange(batch, device=sim_p2t.device) + rank * batch
+    return (
+        F.cross_entropy(sim_p2t, targets, label_smoothing=label_smoothing)
+        + F.cross_entropy(sim_t2p, targets, label_smoothing=label_smoothing)
+    ) / 2
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim, same):
+    """For each row of a local (B, B) similarity, one column drawn with probability softmax(sim),
+    never a positive (``same``: (B, B) bool, True where the pair matches, diagonal included).
+    Rows with no negative at all fall back to a uniformly random other column. Vectorised: no loop."""
+    weights = torch.softmax(sim.float(), dim=1).masked_fill(same, 0)
+    empty = weights.sum(1) == 0
+    if empty.any():
+        weights[empty] = (~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device))[empty].float()
+    return torch.multinomial(weights, 1).squeeze(1)

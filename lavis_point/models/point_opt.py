@@ -1,0 +1,163 @@
+"""Stage 2: point queries -> linear projection -> soft prefix of an OPT language model.
+
+Training: loss on caption tokens only (prefix and prompt positions are masked). Generation: beam
+search or nucleus sampling through ``transformers``' public ``generate``.
+
+Why a subclass of ``OPTForCausalLM``: transformers 4.26 (pinned by LAVIS 1.0.2) refuses
+``generate(inputs_embeds=...)`` for decoder-only models. Its public hook
+``prepare_inputs_for_generation`` lets us feed the prefix embeddings at the first step instead; later
+steps reuse the key/value cache, which already holds the prefix. ``generate`` then counts lengths
+over prompt + generated tokens only, and expands, reorders and caches beams as for any text.
+"""
+import logging
+
+import torch
+import torch.nn as nn
+from lavis.common.registry import registry
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+from lavis_point.models.point_base import PointQueryModel
+from lavis_point.paths import asset_path, config_path
+
+log = logging.getLogger(__name__)
+
+
+class PrefixOPTForCausalLM(OPTForCausalLM):
+    """OPT that accepts ``prefix_embeds`` (B, P, D) in ``generate``: prepended to the token
+    embeddings on the first step (or on every step when the cache is off)."""
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      use_cache=None, prefix_embeds=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = input_ids.new_ones(input_ids.shape)
+        if prefix_embeds is None:
+            return super().prepare_inputs_for_generation(input_ids, past_key_values, attention_mask, use_cache)
+        if prefix_embeds.shape[0] != input_ids.shape[0]:  # generate expanded the tokens for beams/samples
+            prefix_embeds = prefix_embeds.repeat_interleave(input_ids.shape[0] // prefix_embeds.shape[0], dim=0)
+        prefix_mask = attention_mask.new_ones(prefix_embeds.shape[:2])
+        full_mask = torch.cat([prefix_mask, attention_mask], dim=1)  # positions come from this mask
+        if past_key_values:
+            return {"input_ids": input_ids[:, -1:], "past_key_values": past_key_values,
+                    "attention_mask": full_mask, "use_cache": use_cache}
+        embeds = torch.cat([prefix_embeds, self.get_input_embeddings()(input_ids)], dim=1)
+        return {"inputs_embeds": embeds, "attention_mask": full_mask, "past_key_values": None, "use_cache": use_cache}
+
+
+def resolve_asset(path):
+    """``asset:NAME`` names a folder shipped in the package (the tiny OPT tokenizer)."""
+    return asset_path(path[len("asset:"):]) if isinstance(path, str) and path.startswith("asset:") else path
+
+
+@registry.register_model("point_opt")
+class PointOPT(PointQueryModel):
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "caption_opt2.7b": config_path("models/point_opt_caption_opt2.7b.yaml"),
+        "caption_tiny": config_path("models/point_opt_caption_tiny.yaml"),
+    }
+    QUERY_ONLY = True
+    # A stage-1 file carries text parts and heads stage 2 does not use.
+    IGNORABLE_KEYS = (
+        r"Qformer\.cls\.", r"Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings|position_ids)",
+        r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.", r"(point_proj|text_proj|itm_head)\.",
+        r"temp$",
+    )
+    PRETRAINED_OPTIONAL = ("opt_proj.", "opt_model.")
+
+    def __init__(self, opt_model=None, opt_config=None, opt_tokenizer=None, freeze_opt=True,
+                 prompt="", max_txt_len=32, **base):
+        super().__init__(**base)
+        tokenizer_path = resolve_asset(opt_tokenizer or opt_model)
+        self.opt_tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, use_fast=False)
+        if opt_model:
+            self.opt_model = PrefixOPTForCausalLM.from_pretrained(opt_model, torch_dtype=torch.float32)
+        else:  # the embedded default's small OPT, trained from scratch
+            cfg = OPTConfig(**{**dict(opt_config or {}), "vocab_size": len(self.opt_tokenizer),
+                               "pad_token_id": self.opt_tokenizer.pad_token_id,
+                               "bos_token_id": self.opt_tokenizer.bos_token_id,
+                               "eos_token_id": self.opt_tokenizer.eos_token_id})
+            self.opt_model = PrefixOPTForCausalLM(cfg)
+        self.freeze_opt = freeze_opt
+        if freeze_opt:
+            for p in self.opt_model.parameters():
+                p.requires_grad = False
+        self.opt_proj = nn.Linear(self.Qformer.cfg["hidden_size"], self.opt_model.config.hidden_size)
+        # Captions end with a newline, as in BLIP-2's OPT models: its token ends generation.
+        self.end_token_id = self.opt_tokenizer("\n", add_special_tokens=False).input_ids[-1]
+        self.prompt, self.max_txt_len = prompt, max_txt_len
+
+    @classmethod
+    def from_config(cls, cfg):
+        opt_config = cfg.get("opt_config")
+        model = cls(
+            opt_model=cfg.get("opt_model") or None,
+            opt_config=OmegaConf.to_container(opt_config, resolve=True) if opt_config is not None else None,
+            opt_tokenizer=cfg.get("opt_tokenizer"),
+            freeze_opt=cfg.get("freeze_opt", True),
+            prompt=cfg.get("prompt", ""),
+            max_txt_len=cfg.get("max_txt_len", 32),
+            **cls.base_kwargs(cfg),
+        )
+        model.load_pretrained_from_config(cfg)
+        return model
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.freeze_opt:
+            self.opt_model.eval()
+        return self
+
+    def prefix_embeds(self, points):
+        """(B, N, 6) -> OPT prefix embeddings (B, Q, D_opt)."""
+        return self.opt_proj(self.query_outputs(self.encode_point_tokens(points)))
+
+    def forward(self, samples):
+        prefix = self.prefix_embeds(samples["point"])
+        prompts = samples.get("prompt") or [self.prompt] * prefix.shape[0]
+        texts = [p + t + "\n" for p, t in zip(prompts, samples["text_input"])]
+        self.opt_tokenizer.padding_side = "right"
+        tokens = self.opt_tokenizer(texts, return_tensors="pt", padding="longest", truncation=True,
+                                    max_length=self.max_txt_len).to(self.device)
+        targets = tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100)
+        for i, p in enumerate(prompts):  # no loss on the prompt (BOS included)
+            targets[i, : len(self.opt_tokenizer(p).input_ids)] = -100
+        prefix_targets = torch.full(prefix.shape[:2], -100, dtype=torch.long, device=self.device)
+        embeds = torch.cat([prefix, self.opt_model.get_input_embeddings()(tokens.input_ids)], dim=1)
+        mask = torch.cat([torch.ones(prefix.shape[:2], dtype=tokens.attention_mask.dtype, device=self.device),
+                          tokens.attention_mask], dim=1)
+        out = self.opt_model(inputs_embeds=embeds, attention_mask=mask,
+                             labels=torch.cat([prefix_targets, targets], dim=1))
+        return {"loss": out.loss}
+
+    @torch.no_grad()
+    def generate(self, samples, use_nucleus_sampling=False, num_beams=5, max_length=30, min_length=1,
+                 top_p=0.9, repetition_penalty=1.0, length_penalty=1.0, num_captions=1, temperature=1.0,
+                 prompt=None, use_cache=True):
+        """Captions (or answers) for ``samples["point"]``: a list of B * num_captions strings, the
+        captions of cloud i at [i * num_captions, (i + 1) * num_captions). ``prompt`` (a string or a
+        list of B strings) defaults to ``samples["prompt"]`` and then the model's prompt.
+        Lengths count generated tokens."""
+        prefix = self.prefix_embeds(samples["point"])
+        batch = prefix.shape[0]
+        prompt = prompt if prompt is not None else samples.get("prompt", self.prompt)
+        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+        self.opt_tokenizer.padding_side = "left"  # generation continues right after each prompt
+        tokens = self.opt_tokenizer(prompts, return_tensors="pt", padding="longest").to(self.device)
+        prompt_len = tokens.input_ids.shape[1]
+        outputs = self.opt_model.generate(
+            input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, prefix_embeds=prefix,
+            do_sample=use_nucleus_sampling, top_p=top_p, temperature=temperature, num_beams=num_beams,
+            max_length=prompt_len + max_length, min_length=prompt_len + min_length,
+            eos_token_id=self.end_token_id, pad_token_id=self.opt_tokenizer.pad_token_id,
+            repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+            num_return_sequences=num_captions, use_cache=use_cache,
+        )
+        texts = self.opt_tokenizer.batch_decode(outputs[:, prompt_len:], skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def predict_answers(self, samples, num_beams=5, max_len=10, min_len=1, prompt="", **kwargs):
+        """LAVIS's VQA interface: ``samples["text_input"]`` holds the questions."""
+        questions = samples["text_input"]
+        prompts = [prompt.format(q) if prompt else q for q in questions]
+        return self.generate(samples, num_beams=num_beams, max_length=max_len, min_length=min_len,
+                             prompt=prompts, **kwargs)

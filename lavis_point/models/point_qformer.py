@@ -1,0 +1,127 @@
+"""Stage 1: the point Q-Former, trained with BLIP-2's three losses on point-text pairs.
+
+- ITC: normalised query outputs vs the text [CLS], max over queries, learnable temperature,
+  label smoothing 0.1, gathered across ranks.
+- ITM: bidirectional pass over (queries, text); one hard negative text per cloud and one hard
+  negative cloud per text, drawn from the contrastive similarities; a 2-way head averaged over queries.
+- ITG: the text after a ``[DEC]`` token, generated from the queries under a causal text mask.
+
+Exposes ``encode_points``, ``encode_text`` and ``point_text_similarity`` for retrieval and
+zero-shot classification.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lavis.common.registry import registry
+
+from lavis_point.models.losses import (
+    contrastive_loss,
+    contrastive_similarities,
+    sample_hard_negatives,
+    world,
+)
+from lavis_point.models.point_base import PointQueryModel
+from lavis_point.paths import config_path
+
+
+@registry.register_model("point_qformer")
+class PointQFormer(PointQueryModel):
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "pretrain": config_path("models/point_qformer_pretrain.yaml"),
+        "pretrain_tiny": config_path("models/point_qformer_pretrain_tiny.yaml"),
+    }
+    # A BLIP-2 image checkpoint carries its image encoder: not ours to load.
+    IGNORABLE_KEYS = (r"visual_encoder\.", r"ln_vision\.")
+    # BLIP-2 (image) files have no point encoder or point projection.
+    PRETRAINED_OPTIONAL = ("point_encoder.", "pc_projection")
+
+    def __init__(self, embed_dim=256, max_txt_len=32, **base):
+        super().__init__(**base)
+        hidden = self.Qformer.cfg["hidden_size"]
+        self.point_proj = nn.Linear(hidden, embed_dim)
+        self.text_proj = nn.Linear(hidden, embed_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.max_txt_len = max_txt_len
+
+    @classmethod
+    def from_config(cls, cfg):
+        model = cls(embed_dim=cfg.get("embed_dim", 256), max_txt_len=cfg.get("max_txt_len", 32),
+                    **cls.base_kwargs(cfg))
+        model.load_pretrained_from_config(cfg)
+        return model
+
+    def map_foreign_keys(self, state):
+        # BLIP-2 calls the point (image) head vision_proj.
+        return {("point_proj." + k[len("vision_proj."):] if k.startswith("vision_proj.") else k): v
+                for k, v in state.items()}
+
+    def tokenize(self, texts):
+        return self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_txt_len,
+                              return_tensors="pt").to(self.device)
+
+    # ---- encoders (retrieval / zero-shot API) ----
+    def encode_points(self, points):
+        """(B, N, 6) -> (query outputs (B, Q, H), projected point tokens, normalised feats (B, Q, D))."""
+        point_tokens = self.encode_point_tokens(points)
+        queries = self.query_outputs(point_tokens)
+        return queries, point_tokens, F.normalize(self.point_proj(queries), dim=-1)
+
+    def encode_text(self, texts_or_tokens):
+        """Texts (or tokenizer output) -> normalised [CLS] features (B, D)."""
+        tokens = self.tokenize(texts_or_tokens) if isinstance(texts_or_tokens, (list, tuple)) else texts_or_tokens
+        hidden = self.Qformer(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    @staticmethod
+    def point_text_similarity(point_feats, text_feats):
+        """(P, Q, D) x (T, D) -> (P, T): the best query's cosine similarity."""
+        return torch.einsum("pqd,td->pqt", point_feats, text_feats).max(dim=1).values
+
+    def match_logits(self, point_tokens, input_ids, attention_mask):
+        """Matching head: (B, 2) logits, class 1 = the text describes the cloud."""
+        queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
+        hidden = self.Qformer(query_embeds=queries, input_ids=input_ids, attention_mask=attention_mask,
+                              points=point_tokens)
+        return self.itm_head(hidden[:, : queries.shape[1]]).mean(dim=1)
+
+    # ---- training ----
+    def forward(self, samples):
+        texts = samples["text_input"]
+        queries, point_tokens, point_feats = self.encode_points(samples["point"])
+        tokens = self.tokenize(texts)
+        text_feat = self.encode_text(tokens)
+        batch = point_feats.shape[0]
+
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        sim_p2t, sim_t2p = contrastive_similarities(point_feats, text_feat, self.temp)
+        loss_itc = contrastive_loss(sim_p2t, sim_t2p)
+
+        # ITM: negatives come from this rank's batch; identical captions are never negatives.
+        same = torch.tensor([[a == b for b in texts] for a in texts], device=self.device)
+        rank, _ = world()
+        local = slice(rank * batch, (rank + 1) * batch)
+        neg_text = sample_hard_negatives(sim_p2t[:, local], same)
+        neg_points = sample_hard_negatives(sim_t2p[:, local], same)
+        ids = torch.cat([tokens.input_ids, tokens.input_ids[neg_text], tokens.input_ids])
+        mask = torch.cat([tokens.attention_mask, tokens.attention_mask[neg_text], tokens.attention_mask])
+        pts = torch.cat([point_tokens, point_tokens, point_tokens[neg_points]])
+        logits = self.match_logits(pts, ids, mask)  # (3B, 2)
+        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(self.device)
+        loss_itm = F.cross_entropy(logits, labels)
+
+        # ITG: [DEC] replaces [CLS]; queries see only queries, text sees queries and earlier text.
+        dec_ids = tokens.input_ids.clone()
+        dec_ids[:, 0] = self.tokenizer.bos_token_id
+        targets = dec_ids.masked_fill(dec_ids == self.tokenizer.pad_token_id, -100)
+        hidden = self.Qformer(query_embeds=self.query_tokens.expand(batch, -1, -1), input_ids=dec_ids,
+                              attention_mask=tokens.attention_mask, points=point_tokens, causal=True)
+        text_hidden = hidden[:, self.query_tokens.shape[1]:-1]  # position t predicts token t + 1
+        lm_logits = self.Qformer.lm_logits(text_hidden)
+        loss_itg = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]), targets[:, 1:].reshape(-1),
+                                   ignore_index=-100, label_smoothing=0.1)
+
+        loss = loss_itc + loss_itm + loss_itg
+        return {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
+                "loss_itg": loss_itg.detach()}

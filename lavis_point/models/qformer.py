@@ -1,0 +1,281 @@
+"""Our Q-Former: BERT layers whose self-attention is shared by learned queries and text, with
+cross-attention to point tokens (query positions only) every ``cross_attention_freq`` layers and
+separate feed-forward weights for query and text positions.
+
+Module names reproduce LAVIS's BLIP-2 ``Qformer.*`` state-dict layout (CHECKPOINTS.md) so BLIP-2 and
+GPT4Point weights load without renaming. We do not use LAVIS's ``Qformer.py``: it imports
+transformers internals and its generation breaks on newer releases (DESIGN.md, decision 2).
+
+Masks: ``bidirectional`` lets every position see every non-padding position (contrastive and
+matching passes); ``causal`` lets queries see only queries and text see all queries plus earlier text
+(the generation loss). Attention runs through ``scaled_dot_product_attention``.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Projections(nn.Module):
+    def __init__(self, hidden, kv_width):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(kv_width, hidden)
+        self.value = nn.Linear(kv_width, hidden)
+
+
+class AddNorm(nn.Module):
+    """dense -> dropout -> + residual -> LayerNorm (BERT's ``*Output`` modules)."""
+
+    def __init__(self, in_width, hidden, eps, dropout):
+        super().__init__()
+        self.dense = nn.Linear(in_width, hidden)
+        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden, num_heads, kv_width, eps, dropout):
+        super().__init__()
+        self.num_heads = num_heads
+        self.self = Projections(hidden, kv_width)
+        self.output = AddNorm(hidden, hidden, eps, dropout)
+        self.attn_dropout = dropout
+
+    def forward(self, x, kv, mask):
+        """x (B, Lq, H) attends to kv (B, Lk, W); mask broadcastable to (B, heads, Lq, Lk), True = attend."""
+        batch, length, hidden = x.shape
+
+        def heads(t):  # (B, L, H) -> (B, heads, L, H / heads)
+            return t.view(batch, -1, self.num_heads, hidden // self.num_heads).transpose(1, 2)
+
+        q, k, v = heads(self.self.query(x)), heads(self.self.key(kv)), heads(self.self.value(kv))
+        p = self.attn_dropout if self.training else 0.0
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return self.output(ctx.transpose(1, 2).reshape(batch, length, hidden), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, hidden, intermediate):
+        super().__init__()
+        self.dense = nn.Linear(hidden, intermediate)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg, has_cross, query_only):
+        super().__init__()
+        h, eps, p = cfg["hidden_size"], cfg["layer_norm_eps"], cfg["dropout"]
+        self.attention = Attention(h, cfg["num_heads"], h, eps, p)
+        if has_cross:
+            self.crossattention = Attention(h, cfg["num_heads"], cfg["encoder_width"], eps, p)
+        if not query_only:  # text positions' feed-forward (absent in GPT4Point stage-2 files)
+            self.intermediate = Intermediate(h, cfg["intermediate_size"])
+            self.output = AddNorm(cfg["intermediate_size"], h, eps, p)
+        self.intermediate_query = Intermediate(h, cfg["intermediate_size"])
+        self.output_query = AddNorm(cfg["intermediate_size"], h, eps, p)
+
+    def forward(self, x, num_query, self_mask, points, points_mask):
+        x = self.attention(x, x, self_mask)
+        queries, text = x[:, :num_query], x[:, num_query:]
+        if num_query and points is not None and hasattr(self, "crossattention"):
+            queries = self.crossattention(queries, points, points_mask)
+        queries = self.output_query(self.intermediate_query(queries), queries)
+        if text.shape[1]:
+            text = self.output(self.intermediate(text), text)
+        return torch.cat([queries, text], dim=1)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg, query_only):
+        super().__init__()
+        h = cfg["hidden_size"]
+        if not query_only:
+            self.word_embeddings = nn.Embedding(cfg["vocab_size"], h, padding_idx=cfg["pad_token_id"])
+            self.position_embeddings = nn.Embedding(cfg["max_position_embeddings"], h)
+            self.register_buffer("position_ids", torch.arange(cfg["max_position_embeddings"]).unsqueeze(0))
+        self.LayerNorm = nn.LayerNorm(h, eps=cfg["layer_norm_eps"])
+        self.dropout = nn.Dropout(cfg["dropout"])
+
+    def forward(self, input_ids=None, query_embeds=None):
+        parts = []
+        if query_embeds is not None:
+            parts.append(query_embeds)
+        if input_ids is not None:
+            positions = self.position_ids[:, : input_ids.shape[1]]
+            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))
+        return self.dropout(self.LayerNorm(torch.cat(parts, dim=1)))
+
+
+class Bert(nn.Module):
+    def __init__(self, cfg, query_only):
+        super().__init__()
+        self.embeddings = Embeddings(cfg, query_only)
+        self.encoder = nn.Module()
+        freq = cfg["cross_attention_freq"]
+        self.encoder.layer = nn.ModuleList(
+            Layer(cfg, has_cross=(i % freq == 0), query_only=query_only) for i in range(cfg["num_layers"])
+        )
+
+
+class LMPredictionHead(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        h = cfg["hidden_size"]
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(h, h)
+        self.transform.LayerNorm = nn.LayerNorm(h, eps=cfg["layer_norm_eps"])
+        self.decoder = nn.Linear(h, cfg["vocab_size"])
+        # BERT ties the head's bias to the decoder's: both names appear in the state dict.
+        self.bias = self.decoder.bias
+
+    def forward(self, x):
+        x = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
+        return self.decoder(x)
+
+
+DEFAULTS = dict(
+    hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, encoder_width=1408,
+    cross_attention_freq=2, vocab_size=30523, max_position_embeddings=512, layer_norm_eps=1e-12,
+    dropout=0.1, pad_token_id=0,
+)
+
+
+class QFormer(nn.Module):
+    """``query_only`` builds just the query path (stage 2): no word embeddings, text FFN or LM head."""
+
+    def __init__(self, query_only=False, **cfg):
+        super().__init__()
+        unknown = set(cfg) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown Q-Former options: {sorted(unknown)}")
+        self.cfg = {**DEFAULTS, **cfg}
+        self.query_only = query_only
+        self.bert = Bert(self.cfg, query_only)
+        if not query_only:
+            self.cls = nn.Module()
+            self.cls.predictions = LMPredictionHead(self.cfg)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, 0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+        if isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+    def forward(self, query_embeds=None, input_ids=None, attention_mask=None, points=None,
+                points_mask=None, causal=False):
+        """query_embeds (B, Q, H), input_ids (B, T) with attention_mask (B, T), points (B, P, W)
+        -> hidden states (B, Q + T, H), queries first."""
+        if input_ids is not None and self.query_only:
+            raise RuntimeError("this Q-Former was built query_only (stage 2): it has no text embeddings")
+        x = self.bert.embeddings(input_ids, query_embeds)
+        batch, length, _ = x.shape
+        num_query = 0 if query_embeds is None else query_embeds.shape[1]
+        keep = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        if input_ids is not None and attention_mask is not None:
+            keep[:, num_query:] = attention_mask.bool()
+        mask = keep[:, None, None, :].expand(batch, 1, length, length)  # (B, 1, L, L) key padding
+        if causal:
+            rule = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            rule[:num_query, num_query:] = False  # queries never see text
+            rule[num_query:, :num_query] = True  # text sees every query
+            mask = mask & rule
+        if points_mask is not None:
+            points_mask = points_mask.bool()[:, None, None, :]
+        for layer in self.bert.encoder.layer:
+            x = layer(x, num_query, mask, points, points_mask)
+        return x
+
+    def lm_logits(self, hidden):
+        return self.cls.predictions(hidden)
+
+    def resize_token_embeddings(self, vocab_size):
+        """Grow the vocabulary (e.g. BERT's 30522 + [DEC]); new rows start at the mean embedding."""
+        old = self.bert.embeddings.word_embeddings
+        if vocab_size == old.num_embeddings:
+            return
+        new = nn.Embedding(vocab_size, old.embedding_dim, padding_idx=old.padding_idx)
+        n = min(vocab_size, old.num_embeddings)
+        with torch.no_grad():
+            new.weight[:n] = old.weight[:n]
+            new.weight[n:] = old.weight[:n].mean(0)
+        self.bert.embeddings.word_embeddings = new
+        self.cfg["vocab_size"] = vocab_size
+        if not self.query_only:
+            head = LMPredictionHead(self.cfg)
+            head.load_state_dict(
+                {k: v for k, v in self.cls.predictions.state_dict().items() if "decoder" not in k and k != "bias"},
+                strict=False,
+            )
+            with torch.no_grad():
+                head.decoder.weight.copy_(new.weight)
+                head.decoder.bias.zero_()
+            self.cls.predictions = head
+
+
+def bert_state_dict(path: str) -> dict:
+    """Weights of a BERT folder or file (safetensors, or a torch file read with weights_only)."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from lavis_point.models.checkpoint import read_checkpoint, state_dict_of
+
+    if os.path.isdir(path):
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.isfile(os.path.join(path, name)):
+                path = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this BERT folder")
+    state = load_file(path) if path.endswith(".safetensors") else state_dict_of(read_checkpoint(path), path)
+    return {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state.items()}
+
+
+def init_qformer_from_bert(qformer: QFormer, path: str) -> int:
+    """Initialise the Q-Former's BERT parts from a BERT checkpoint (e.g. the MiniLM shipped offline).
+
+    Self-attention, embeddings and both feed-forwards (text and query copies, as BLIP-2 does) come
+    from the first ``num_layers`` BERT layers; cross-attention stays random. BERT adds token-type 0
+    to every embedding; the Q-Former has no token types, so that row is folded into the positions.
+    Returns the number of tensors copied."""
+    src = bert_state_dict(path)
+    own = qformer.state_dict()
+    mapped = {}
+    tt = src.get("embeddings.token_type_embeddings.weight")
+    for key, value in src.items():
+        if key.startswith(("pooler.", "embeddings.token_type", "embeddings.position_ids")):
+            continue
+        if key == "embeddings.position_embeddings.weight" and tt is not None:
+            value = value + tt[0]
+        target = "bert." + key
+        if target.startswith("bert.embeddings.word_embeddings") and target in own:
+            n = value.shape[0]
+            grown = own[target].clone()
+            grown[:n] = value
+            grown[n:] = value.mean(0)
+            value = grown
+        if target in own:
+            mapped[target] = value
+        for branch in ("intermediate", "output"):
+            part = f".{branch}."
+            if part in target and ".attention." not in target:
+                q_target = target.replace(part, f".{branch}_query.")
+                if q_target in own:
+                    mapped[q_target] = value
+    for key, value in mapped.items():
+        if own[key].shape != value.shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, Q-Former expects {tuple(own[key].shape)}")
+    if not qformer.query_only and "bert.embeddings.word_embeddings.weight" in mapped:
+        mapped["cls.predictions.decoder.weight"] = mapped["bert.embeddings.word_embeddings.weight"]
+    qformer.load_state_dict(mapped, strict=False)
+    return len(mapped)

@@ -1,0 +1,141 @@
+"""``runner_point``: LAVIS's RunnerBase with the smallest overrides that let it run on a CPU, in one
+process or under torchrun, and keep checkpoints safe. Select it with ``run.runner: runner_point``.
+
+Why each override (LAVIS 1.0.2, measured on CPU):
+- ``model``: RunnerBase builds DDP with ``device_ids=[gpu]``; on CPU DDP must get none.
+- ``create_loaders``: RunnerBase wraps loaders in ``PrefetchLoader``, which makes a CUDA stream.
+- ``train``: RunnerBase calls ``dist.barrier()`` unguarded each epoch (fails in one process), and
+  saves only after validation or per epoch; ours also saves ``checkpoint_last.pth`` every epoch for resume.
+- checkpoints: written atomically, without frozen parts, read with ``weights_only=True``, and
+  loaded under the contract of ``lavis_point.models.checkpoint`` (frozen parts may be absent).
+- ``setup_output_dir``: ``register_path`` refuses to overwrite, so a second run in one process failed.
+On a GPU everything else is RunnerBase's.
+"""
+import datetime
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
+from lavis.common.registry import registry
+from lavis.datasets.datasets.dataloader_utils import IterLoader, PrefetchLoader
+from lavis.runners.runner_base import RunnerBase
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lavis_point.models.checkpoint import (
+    load_state_dict_checked,
+    read_checkpoint,
+    save_checkpoint_atomic,
+    state_dict_of,
+    trainable_state_dict,
+)
+
+
+def barrier():
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+@registry.register_runner("runner_point")
+class RunnerPoint(RunnerBase):
+    @property
+    def model(self):
+        if self._model.device != self.device:
+            self._model = self._model.to(self.device)
+        if self._wrapped_model is None:
+            if self.use_distributed:
+                ids = [self.config.run_cfg.gpu] if self.device.type == "cuda" else None
+                self._wrapped_model = DDP(self._model, device_ids=ids)
+            else:
+                self._wrapped_model = self._model
+        return self._wrapped_model
+
+    def setup_output_dir(self):
+        output_dir = Path(registry.get_path("library_root")) / self.config.run_cfg.output_dir / self.job_id
+        result_dir = output_dir / "result"
+        result_dir.mkdir(parents=True, exist_ok=True)
+        registry.mapping["paths"]["result_dir"] = str(result_dir)
+        registry.mapping["paths"]["output_dir"] = str(output_dir)
+        self.result_dir, self.output_dir = result_dir, output_dir
+
+    def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
+        loaders = []
+        for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
+            if isinstance(dataset, (list, tuple)):
+                raise NotImplementedError("runner_point takes map-style datasets only")
+            sampler = None
+            if self.use_distributed and (is_train or self.use_dist_eval_sampler):
+                sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=get_world_size(), rank=get_rank(),
+                                             seed=int(self.config.run_cfg.get("seed", 0)))
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                pin_memory=self.device.type == "cuda", sampler=sampler,
+                                shuffle=sampler is None and is_train, collate_fn=collate_fn, drop_last=is_train)
+            if self.device.type == "cuda":
+                loader = PrefetchLoader(loader)
+            if is_train:
+                loader = IterLoader(loader, use_distributed=self.use_distributed)
+            loaders.append(loader)
+        return loaders
+
+    def train(self):
+        start_time = time.time()
+        best_agg_metric, best_epoch = 0, 0
+        self.log_config()
+        if not self.evaluate_only and self.resume_ckpt_path is not None:
+            self._load_checkpoint(self.resume_ckpt_path)
+        cur_epoch = self.start_epoch
+        for cur_epoch in range(self.start_epoch, self.max_epoch):
+            if not self.evaluate_only:
+                logging.info("Start training")
+                self.log_stats(split_name="train", stats=self.train_epoch(cur_epoch))
+                self._save_checkpoint(cur_epoch, name="last")
+            for split_name in self.valid_splits:
+                logging.info("Evaluating on %s.", split_name)
+                val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+                if val_log is not None and is_main_process():
+                    if val_log["agg_metrics"] > best_agg_metric and split_name == "val":
+                        best_epoch, best_agg_metric = cur_epoch, val_log["agg_metrics"]
+                        self._save_checkpoint(cur_epoch, name="best")
+                    val_log.update({"best_epoch": best_epoch})
+                    self.log_stats(val_log, split_name)
+            if self.evaluate_only:
+                break
+            barrier()
+        test_epoch = "best" if self.valid_splits and not self.evaluate_only else cur_epoch
+        self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+        logging.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    def _save_checkpoint(self, cur_epoch, is_best=False, name=None):
+        if not is_main_process():
+            return
+        name = name or ("best" if is_best else str(cur_epoch))
+        save_obj = {
+            "model": trainable_state_dict(self.unwrap_dist_model(self.model)),
+            "optimizer": self.optimizer.state_dict(),
+            "config": self.config.to_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": cur_epoch,
+        }
+        path = os.path.join(self.output_dir, f"checkpoint_{name}.pth")
+        logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, path)
+        save_checkpoint_atomic(save_obj, path)
+
+    def _reload_best_model(self, model):
+        path = os.path.join(self.output_dir, "checkpoint_best.pth")
+        logging.info("Loading checkpoint from %s.", path)
+        load_state_dict_checked(model, state_dict_of(read_checkpoint(path), path), source=path)
+        return model
+
+    def _load_checkpoint(self, url_or_filename):
+        checkpoint = read_checkpoint(url_or_filename)
+        model = self.unwrap_dist_model(self.model)
+        load_state_dict_checked(model, state_dict_of(checkpoint, url_or_filename), source=url_or_filename)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scaler and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.start_epoch = checkpoint["epoch"] + 1
+        logging.info("Resume checkpoint from %s", url_or_filename)

@@ -1,0 +1,66 @@
+"""What every lavis-point task shares, and why it differs from LAVIS's BaseTask.
+
+LAVIS 1.0.2's training loop assumes CUDA: its metric logger all-reduces on a "cuda" tensor and it
+wraps steps in ``torch.cuda.amp.autocast``; its ``evaluation`` moves batches to CUDA unless told
+otherwise. Our loop is the same loop (lr schedule per step, gradient accumulation, AMP with a scaler)
+written for any device; on a GPU it behaves as LAVIS's does.
+"""
+import logging
+
+import torch
+import torch.distributed as dist
+from lavis.common.dist_utils import is_dist_avail_and_initialized
+from lavis.common.logger import MetricLogger, SmoothedValue
+from lavis.datasets.data_utils import prepare_sample
+from lavis.tasks.base_task import BaseTask
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def synchronize_meters(metric_logger, device):
+    """Average the meters' totals over ranks on the model's device (gloo on CPU, nccl on GPU)."""
+    if not is_dist_avail_and_initialized():
+        return
+    for meter in metric_logger.meters.values():
+        t = torch.tensor([meter.count, meter.total], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        meter.count, meter.total = int(t[0].item()), t[1].item()
+
+
+class PointBaseTask(BaseTask):
+    def evaluation(self, model, data_loader, cuda_enabled=None):
+        if cuda_enabled is None:
+            cuda_enabled = model_device(model).type == "cuda"
+        return super().evaluation(model, data_loader, cuda_enabled=cuda_enabled)
+
+    def _train_inner_loop(self, epoch, iters_per_epoch, model, data_loader, optimizer, lr_scheduler,
+                          scaler=None, start_iters=None, log_freq=50, cuda_enabled=False, accum_grad_iters=1):
+        device = model_device(model)
+        data_iter = data_loader if hasattr(data_loader, "__next__") else iter(data_loader)
+        metric_logger = MetricLogger(delimiter="  ")
+        metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+        metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.4f}"))
+        inner_epoch = epoch if start_iters is None else start_iters // iters_per_epoch
+        header = f"Train: data epoch: [{epoch}]"
+        for i in metric_logger.log_every(range(iters_per_epoch), log_freq, header):
+            samples = prepare_sample(next(data_iter), cuda_enabled=device.type == "cuda")
+            samples.update({"epoch": inner_epoch, "num_iters_per_epoch": iters_per_epoch, "iters": i})
+            lr_scheduler.step(cur_epoch=inner_epoch, cur_step=i)
+            with torch.autocast(device_type=device.type, enabled=scaler is not None):
+                output = model(samples)
+            loss = output["loss"]
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if (i + 1) % accum_grad_iters == 0:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad()
+            metric_logger.update(loss=loss.item(), **{k: v.item() for k, v in output.items() if k != "loss"})
+            metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        synchronize_meters(metric_logger, device)
+        logging.info("Averaged stats: " + str(metric_logger.global_avg()))
+        return {k: "{:.4f}".format(meter.global_avg) for k, meter in metric_logger.meters.items()}
