@@ -120,7 +120,7 @@ class PointOPT(PointQueryModel):
                                     max_length=self.max_txt_len).to(self.device)
         targets = tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100)
         for i, p in enumerate(prompts):  # no loss on the prompt (BOS included)
-            targets[i, : len(self.opt_tokenizer(p).input_ids)] = -100
+            targets[i, : self.prompt_length(p)] = -100
         prefix_targets = torch.full(prefix.shape[:2], -100, dtype=torch.long, device=self.device)
         embeds = torch.cat([prefix, self.opt_model.get_input_embeddings()(tokens.input_ids)], dim=1)
         mask = torch.cat([torch.ones(prefix.shape[:2], dtype=tokens.attention_mask.dtype, device=self.device),
@@ -128,6 +128,11 @@ class PointOPT(PointQueryModel):
         out = self.opt_model(inputs_embeds=embeds, attention_mask=mask,
                              labels=torch.cat([prefix_targets, targets], dim=1))
         return {"loss": out.loss}
+
+    def prompt_length(self, prompt):
+        """Tokens of ``prompt`` inside ``prompt + text``. A trailing space is left out: byte-level BPE
+        joins it to the next word (" a"), and counting it alone would mask a caption token."""
+        return len(self.opt_tokenizer(prompt.rstrip()).input_ids)
 
     @torch.no_grad()
     def generate(self, samples, use_nucleus_sampling=False, num_beams=5, max_length=30, min_length=1,
@@ -142,7 +147,8 @@ class PointOPT(PointQueryModel):
         prompt = prompt if prompt is not None else samples.get("prompt", self.prompt)
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         self.opt_tokenizer.padding_side = "left"  # generation continues right after each prompt
-        tokens = self.opt_tokenizer(prompts, return_tensors="pt", padding="longest").to(self.device)
+        # The prompt's trailing space belongs to the first generated word ("of" + " a"), as in training.
+        tokens = self.opt_tokenizer([p.rstrip() for p in prompts], return_tensors="pt", padding="longest").to(self.device)
         prompt_len = tokens.input_ids.shape[1]
         outputs = self.opt_model.generate(
             input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, prefix_embeds=prefix,

@@ -35,8 +35,12 @@ class PointQFormer(PointQueryModel):
     # BLIP-2 (image) files have no point encoder or point projection.
     PRETRAINED_OPTIONAL = ("point_encoder.", "pc_projection")
 
-    def __init__(self, embed_dim=256, max_txt_len=32, **base):
+    def __init__(self, embed_dim=256, max_txt_len=32, itg_delay_steps=0, **base):
         super().__init__(**base)
+        # The generation loss joins after this many optimiser steps (0: from the start, as BLIP-2).
+        # With a randomly initialised point encoder its early gradients, shared through the
+        # Q-Former, pull the queries to one constant before contrastive learning can start.
+        self.itg_delay_steps = itg_delay_steps
         hidden = self.Qformer.cfg["hidden_size"]
         self.point_proj = nn.Linear(hidden, embed_dim)
         self.text_proj = nn.Linear(hidden, embed_dim)
@@ -47,7 +51,7 @@ class PointQFormer(PointQueryModel):
     @classmethod
     def from_config(cls, cfg):
         model = cls(embed_dim=cfg.get("embed_dim", 256), max_txt_len=cfg.get("max_txt_len", 32),
-                    **cls.base_kwargs(cfg))
+                    itg_delay_steps=cfg.get("itg_delay_steps", 0), **cls.base_kwargs(cfg))
         model.load_pretrained_from_config(cfg)
         return model
 
@@ -122,6 +126,6 @@ class PointQFormer(PointQueryModel):
         loss_itg = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]), targets[:, 1:].reshape(-1),
                                    ignore_index=-100, label_smoothing=0.1)
 
-        loss = loss_itc + loss_itm + loss_itg
-        return {"loss": loss, "loss_itc": loss_itc.detach(), "loss_itm": loss_itm.detach(),
-                "loss_itg": loss_itg.detach()}
+        step = samples.get("epoch", 0) * samples.get("num_iters_per_epoch", 0) + samples.get("iters", 0)
+        loss = loss_itc + loss_itm + (loss_itg if step >= self.itg_delay_steps else 0.0 * loss_itg)
+        return {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg}

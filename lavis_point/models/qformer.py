@@ -186,8 +186,8 @@ class QFormer(nn.Module):
         mask = keep[:, None, None, :].expand(batch, 1, length, length)  # (B, 1, L, L) key padding
         if causal:
             rule = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+            rule[:, :num_query] = True  # every position sees every query
             rule[:num_query, num_query:] = False  # queries never see text
-            rule[num_query:, :num_query] = True  # text sees every query
             mask = mask & rule
         if points_mask is not None:
             points_mask = points_mask.bool()[:, None, None, :]
@@ -245,7 +245,7 @@ def init_qformer_from_bert(qformer: QFormer, path: str) -> int:
     """Initialise the Q-Former's BERT parts from a BERT checkpoint (e.g. the MiniLM shipped offline).
 
     Self-attention, embeddings and both feed-forwards (text and query copies, as BLIP-2 does) come
-    from the first ``num_layers`` BERT layers; cross-attention stays random. BERT adds token-type 0
+    from the first ``num_layers`` BERT layers; cross-attention copies self-attention where shapes match. BERT adds token-type 0
     to every embedding; the Q-Former has no token types, so that row is folded into the positions.
     Returns the number of tensors copied."""
     src = bert_state_dict(path)
@@ -266,6 +266,13 @@ def init_qformer_from_bert(qformer: QFormer, path: str) -> int:
             value = grown
         if target in own:
             mapped[target] = value
+        if ".attention." in target:
+            # Cross-attention starts as a copy of the layer's self-attention wherever shapes allow
+            # (key/value only when the point width equals the hidden width): with a random
+            # cross-attention the queries barely see the points at first and a tiny run never learns.
+            c_target = target.replace(".attention.", ".crossattention.")
+            if c_target in own and own[c_target].shape == value.shape:
+                mapped[c_target] = value
         for branch in ("intermediate", "output"):
             part = f".{branch}."
             if part in target and ".attention." not in target:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine (no GPU, no model hub needed): a virtualenv in .venv with
+# lavis-point, LAVIS 1.0.2 and the test tools. Safe to run again. Java (METEOR, PTB tokenizer) is
+# installed with apt when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if ! command -v java >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -c "import lavis_point" 2>/dev/null && echo "lavis-point installed in .venv"

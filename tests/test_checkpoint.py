@@ -1,0 +1,91 @@
+import argparse
+import os
+
+import pytest
+import torch
+
+import lavis_point  # noqa: F401
+from lavis_point.models.checkpoint import (
+    CheckpointError,
+    read_checkpoint,
+    save_checkpoint_atomic,
+    trainable_state_dict,
+)
+from tests.small_models import small_stage1, small_stage2
+
+
+def test_checkpoint_without_frozen_encoder_loads_and_reports_it(tmp_path):
+    model = small_stage1(freeze_encoder=True)
+    path = str(tmp_path / "ck.pth")
+    torch.save({"model": trainable_state_dict(model)}, path)
+    assert not any(k.startswith("point_encoder.") for k in torch.load(path, weights_only=True)["model"])
+    summary = small_stage1(freeze_encoder=True).load_checkpoint(path)
+    assert summary["absent_frozen_or_optional"] > 0
+
+
+def test_missing_trainable_key_is_an_error_that_lists_it(tmp_path):
+    state = small_stage1().state_dict()
+    del state["itm_head.weight"]
+    path = str(tmp_path / "ck.pth")
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): \['itm_head.weight'\]"):
+        small_stage1().load_checkpoint(path)
+
+
+def test_mis_shaped_and_unexpected_keys_are_errors(tmp_path):
+    state = small_stage1().state_dict()
+    state["query_tokens"] = torch.zeros(1, 5, 32)
+    state["surprise.weight"] = torch.zeros(2)
+    path = str(tmp_path / "ck.pth")
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(CheckpointError) as err:
+        small_stage1().load_checkpoint(path)
+    assert "query_tokens: checkpoint (1, 5, 32) vs model (1, 4, 32)" in str(err.value)
+    assert "surprise.weight" in str(err.value)
+
+
+def test_values_land_where_they_belong(tmp_path):
+    source = small_stage1().eval()
+    path = str(tmp_path / "ck.pth")
+    torch.save({"model": {"module." + k: v for k, v in source.state_dict().items()}}, path)
+    target = small_stage1().eval()
+    target.load_checkpoint(path)
+    pts = torch.rand(2, 128, 6)
+    assert torch.equal(source.encode_points(pts)[2], target.encode_points(pts)[2])
+
+
+def test_stage2_starts_from_a_stage1_file_ignoring_its_text_heads(tmp_path):
+    stage1 = small_stage1().eval()
+    path = str(tmp_path / "stage1.pth")
+    torch.save({"model": stage1.state_dict()}, path)
+    stage2 = small_stage2().eval()
+    summary = stage2.load_from_pretrained(path)
+    assert summary["ignored"] > 0
+    pts = torch.rand(2, 128, 6)
+    with torch.no_grad():
+        assert torch.equal(stage1.query_outputs(stage1.encode_point_tokens(pts)),
+                           stage2.query_outputs(stage2.encode_point_tokens(pts)))
+    with pytest.raises(CheckpointError, match="opt_proj"):
+        small_stage2().load_checkpoint(path)  # as a finished stage-2 file it lacks the projection
+
+
+def test_a_checkpoint_that_pickles_objects_is_refused(tmp_path):
+    path = str(tmp_path / "evil.pth")
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        read_checkpoint(path)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "ck.pth")
+    torch.save({"model": small_stage1().state_dict()}, path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="ck.pth"):
+        read_checkpoint(path)
+
+
+def test_atomic_save_leaves_no_temporary_file(tmp_path):
+    path = str(tmp_path / "ck.pth")
+    save_checkpoint_atomic({"model": {"a": torch.ones(2)}}, path)
+    assert os.listdir(tmp_path) == ["ck.pth"]

@@ -1,0 +1,79 @@
+import torch
+from transformers import BertModel
+
+import lavis_point  # noqa: F401
+from lavis_point.models.point_base import bert_tokenizer, resolve_bert_path
+from lavis_point.models.qformer import QFormer, init_qformer_from_bert
+from tests.layouts import qformer_layout, shapes_of
+
+SMALL = dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, encoder_width=24, vocab_size=50,
+             max_position_embeddings=16, dropout=0.0)
+
+
+def test_bert_base_qformer_reproduces_the_lavis_blip2_layout():
+    assert shapes_of(QFormer().state_dict()) == qformer_layout()
+
+
+def test_query_only_qformer_is_gpt4point_stage2_layout():
+    assert shapes_of(QFormer(query_only=True).state_dict()) == qformer_layout(query_only=True)
+
+
+def test_text_pass_equals_the_bert_it_was_initialised_from():
+    """MiniLM (shipped offline) -> our Q-Former: a text-only pass reproduces BertModel exactly
+    (token type 0 folded into the positions, cross-attention unused by text)."""
+    path = resolve_bert_path("minilm")
+    tok = bert_tokenizer()
+    q = QFormer(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536, encoder_width=384,
+                vocab_size=len(tok)).eval()
+    assert init_qformer_from_bert(q, path) > 0
+    bert = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    t = tok(["a small red cube", "there is a large blue sphere coloured green"], padding=True, return_tensors="pt")
+    ours = q(input_ids=t.input_ids, attention_mask=t.attention_mask)
+    theirs = bert(input_ids=t.input_ids, attention_mask=t.attention_mask).last_hidden_state
+    keep = t.attention_mask.bool()
+    assert torch.allclose(ours[keep], theirs[keep], atol=1e-4)
+
+
+def test_causal_mode_queries_ignore_text_and_text_ignores_later_text():
+    q = QFormer(**SMALL).eval()
+    queries, points = torch.randn(1, 3, 32), torch.randn(1, 5, 24)
+    ids = torch.tensor([[1, 7, 8, 9]])
+    other = torch.tensor([[1, 7, 20, 21]])
+    a = q(query_embeds=queries, input_ids=ids, points=points, causal=True)
+    b = q(query_embeds=queries, input_ids=other, points=points, causal=True)
+    assert torch.allclose(a[:, :3], b[:, :3], atol=1e-6)  # queries: unchanged
+    assert torch.allclose(a[:, 3:5], b[:, 3:5], atol=1e-6)  # text before the change: unchanged
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+    queries_alone = q(query_embeds=queries, points=points)
+    assert torch.allclose(a[:, :3], queries_alone, atol=1e-5)  # = the contrastive pass' queries
+
+
+def test_bidirectional_mode_lets_queries_see_text():
+    q = QFormer(**SMALL).eval()
+    queries, points = torch.randn(1, 3, 32), torch.randn(1, 5, 24)
+    a = q(query_embeds=queries, input_ids=torch.tensor([[1, 7, 8]]), points=points)
+    b = q(query_embeds=queries, input_ids=torch.tensor([[1, 7, 30]]), points=points)
+    assert not torch.allclose(a[:, :3], b[:, :3])
+
+
+def test_points_reach_queries_only():
+    q = QFormer(**SMALL).eval()
+    queries, ids = torch.randn(1, 3, 32), torch.tensor([[1, 7, 8]])
+    text_a = q(input_ids=ids, points=torch.randn(1, 5, 24))
+    text_b = q(input_ids=ids, points=torch.randn(1, 5, 24))
+    assert torch.allclose(text_a, text_b)
+    qa = q(query_embeds=queries, points=torch.randn(1, 5, 24))
+    qb = q(query_embeds=queries, points=torch.randn(1, 5, 24))
+    assert not torch.allclose(qa, qb)
+
+
+def test_padding_does_not_change_real_tokens():
+    q = QFormer(**SMALL).eval()
+    short = q(input_ids=torch.tensor([[1, 7, 8]]), attention_mask=torch.tensor([[1, 1, 1]]))
+    padded = q(input_ids=torch.tensor([[1, 7, 8, 0, 0]]), attention_mask=torch.tensor([[1, 1, 1, 0, 0]]))
+    assert torch.allclose(short, padded[:, :3], atol=1e-6)
+
+
+def test_lm_head_bias_is_tied_to_decoder_bias():
+    q = QFormer(**SMALL)
+    assert q.cls.predictions.bias is q.cls.predictions.decoder.bias

@@ -1,0 +1,87 @@
+import torch
+
+import lavis_point  # noqa: F401
+from lavis_point.models.losses import contrastive_loss, contrastive_similarities, sample_hard_negatives
+from tests.small_models import small_stage1
+
+TEXTS = ["a small red cube", "a large blue sphere", "a green cone", "a white torus"]
+
+
+def batch(n=4):
+    return {"point": torch.rand(n, 128, 6) * 2 - 1, "text_input": TEXTS[:n]}
+
+
+def test_forward_gives_three_finite_losses_that_sum_to_the_loss():
+    out = small_stage1()(batch())
+    for key in ("loss_itc", "loss_itm", "loss_itg"):
+        assert torch.isfinite(out[key])
+    assert torch.allclose(out["loss"], out["loss_itc"] + out["loss_itm"] + out["loss_itg"])
+
+
+def test_every_trainable_part_gets_a_gradient():
+    model = small_stage1()
+    model(batch())["loss"].backward()
+    for name in ("point_encoder.reduce_dim.weight", "pc_projection", "query_tokens", "point_proj.weight",
+                 "text_proj.weight", "itm_head.weight", "temp", "Qformer.cls.predictions.decoder.weight",
+                 "Qformer.bert.encoder.layer.0.crossattention.self.key.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_frozen_encoder_gets_no_gradient_and_keeps_batchnorm_statistics():
+    model = small_stage1(freeze_encoder=True).train()
+    before = model.point_encoder.encoder.first_conv[1].running_mean.clone()
+    model(batch())["loss"].backward()
+    assert all(p.grad is None for p in model.point_encoder.parameters())
+    assert torch.equal(before, model.point_encoder.encoder.first_conv[1].running_mean)
+
+
+def test_contrastive_loss_is_low_for_aligned_features():
+    feats = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    aligned = contrastive_loss(*contrastive_similarities(feats[:, None].repeat(1, 3, 1), feats, 0.05))
+    shuffled = contrastive_loss(*contrastive_similarities(feats[:, None].repeat(1, 3, 1), feats.flip(0), 0.05))
+    assert aligned < shuffled
+
+
+def test_hard_negatives_are_never_positives():
+    sim = torch.randn(5, 5) * 10
+    same = torch.eye(5, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True  # two identical captions
+    for _ in range(50):
+        picks = sample_hard_negatives(sim, same)
+        assert not same[torch.arange(5), picks].any()
+
+
+def test_a_row_with_only_positives_falls_back_to_another_column():
+    same = torch.ones(3, 3, dtype=torch.bool)
+    picks = sample_hard_negatives(torch.zeros(3, 3), same)
+    assert (picks != torch.arange(3)).all()
+
+
+def test_training_on_one_batch_lowers_every_loss():
+    model = small_stage1()
+    data = batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(data)
+    for _ in range(30):
+        opt.zero_grad()
+        model(data)["loss"].backward()
+        opt.step()
+    last = model(data)
+    assert last["loss_itc"] < first["loss_itc"] and last["loss_itg"] < first["loss_itg"]
+
+
+def test_similarity_api_ranks_the_matching_text_first_after_training():
+    model = small_stage1()
+    data = batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        opt.zero_grad()
+        model(data)["loss"].backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        _, _, point_feats = model.encode_points(data["point"])
+        sim = model.point_text_similarity(point_feats, model.encode_text(data["text_input"]))
+    assert sim.shape == (4, 4)
+    assert (sim.argmax(dim=1) == torch.arange(4)).all()

@@ -1,0 +1,118 @@
+import torch
+import torch.nn.functional as F
+
+import lavis_point  # noqa: F401
+from lavis_point.models.checkpoint import trainable_state_dict
+from tests.small_models import small_stage2
+
+CAPTIONS = ["a small red cube", "a large blue sphere"]
+
+
+def clouds():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(2, 128, 6, generator=g) * 2 - 1
+
+
+def trained(steps=60):
+    model = small_stage2()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = {"point": clouds(), "text_input": CAPTIONS}
+    for _ in range(steps):
+        opt.zero_grad()
+        model(data)["loss"].backward()
+        opt.step()
+    return model.eval()
+
+
+def test_loss_counts_caption_tokens_only():
+    model = small_stage2().eval()
+    pts = clouds()[:1]
+    loss = model({"point": pts, "text_input": [CAPTIONS[0]]})["loss"]
+    tok = model.opt_tokenizer
+    prompt_ids = tok(model.prompt.rstrip()).input_ids  # BOS + prompt; its trailing space joins " a"
+    caption_ids = tok(" " + CAPTIONS[0] + "\n", add_special_tokens=False).input_ids
+    ids = torch.tensor([prompt_ids + caption_ids])
+    with torch.no_grad():
+        prefix = model.prefix_embeds(pts)
+        embeds = torch.cat([prefix, model.opt_model.get_input_embeddings()(ids)], dim=1)
+        logits = model.opt_model(inputs_embeds=embeds).logits[0]
+    start = prefix.shape[1] + len(prompt_ids)  # first caption token's position
+    predicted = logits[start - 1: start - 1 + len(caption_ids)]
+    expected = F.cross_entropy(predicted, torch.tensor(caption_ids))
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_greedy_generation_equals_step_by_step_argmax_without_cache():
+    model = trained(20)
+    pts = clouds()
+    got = model.generate({"point": pts}, num_beams=1, max_length=6, min_length=1)
+    tok = model.opt_tokenizer
+    for i in range(2):
+        ids = tok(model.prompt.rstrip()).input_ids
+        n_prompt = len(ids)
+        with torch.no_grad():
+            prefix = model.prefix_embeds(pts[i: i + 1])
+            for _ in range(6):
+                embeds = torch.cat([prefix, model.opt_model.get_input_embeddings()(torch.tensor([ids]))], dim=1)
+                nxt = int(model.opt_model(inputs_embeds=embeds).logits[0, -1].argmax())
+                ids.append(nxt)
+                if nxt == model.end_token_id:
+                    break
+        assert got[i] == tok.decode(ids[n_prompt:], skip_special_tokens=True).strip()
+
+
+def test_cached_and_uncached_beam_search_agree():
+    model = trained(20)
+    kw = dict(num_beams=3, max_length=8, min_length=2, num_captions=2)
+    cached = model.generate({"point": clouds()}, use_cache=True, **kw)
+    uncached = model.generate({"point": clouds()}, use_cache=False, **kw)
+    assert cached == uncached and len(cached) == 4
+
+
+def test_trained_model_captions_each_cloud_with_its_own_caption_by_beam_search():
+    model = trained()
+    captions = model.generate({"point": clouds()}, num_beams=3, max_length=10, num_captions=2)
+    assert captions[0] == CAPTIONS[0] and captions[2] == CAPTIONS[1]
+    assert len(captions) == 4
+
+
+def test_nucleus_sampling_returns_several_captions_per_cloud():
+    model = small_stage2().eval()
+    torch.manual_seed(3)
+    out = model.generate({"point": clouds()}, use_nucleus_sampling=True, top_p=0.95, num_captions=3,
+                         max_length=6)
+    assert len(out) == 6 and all(isinstance(c, str) for c in out)
+    assert len(set(out)) > 1  # an untrained model's samples differ
+
+
+def test_trained_model_sampling_at_low_temperature_gives_the_caption():
+    model = trained()
+    out = model.generate({"point": clouds()}, use_nucleus_sampling=True, top_p=0.5, num_captions=3,
+                         max_length=10)
+    assert out[:3] == [CAPTIONS[0]] * 3 and out[3:] == [CAPTIONS[1]] * 3
+
+
+def test_frozen_opt_gets_no_gradient_and_is_left_out_of_checkpoints():
+    model = small_stage2(freeze_opt=True).train()
+    assert not model.opt_model.training
+    model({"point": clouds(), "text_input": CAPTIONS})["loss"].backward()
+    assert all(p.grad is None for p in model.opt_model.parameters())
+    assert model.opt_proj.weight.grad is not None
+    saved = trainable_state_dict(model)
+    assert not any(k.startswith("opt_model.") for k in saved) and "opt_proj.weight" in saved
+
+
+def test_prompts_per_cloud_are_supported():
+    model = small_stage2().eval()
+    out = model.generate({"point": clouds(), "prompt": ["Question: what colour is it? Answer:", "a"]},
+                         num_beams=2, max_length=4)
+    assert len(out) == 2
+
+
+def test_a_prompt_ending_in_a_space_leaves_the_first_caption_word_in_the_loss():
+    """'... cloud of ' + 'a small red cube': byte-level BPE makes ' a' one token; the prompt's
+    length must not count the space as a token of its own, or 'a' is never learned."""
+    model = small_stage2()
+    full = model.opt_tokenizer(model.prompt + CAPTIONS[0]).input_ids
+    n = model.prompt_length(model.prompt)
+    assert model.opt_tokenizer.decode(full[n:]) == CAPTIONS[0]
