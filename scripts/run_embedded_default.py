@@ -17,16 +17,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def step(name, script, cfg, options):
+    """Run one command, echo its progress lines as they come, stop on failure with its log's tail."""
     print(f"== {name}: {script} --cfg-path {cfg}", flush=True)
-    cmd = [sys.executable, script, "--cfg-path", cfg, "--options", *options]
     started = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = proc.stdout
-    for line in log.splitlines():
-        if line.startswith(("Train: data epoch", "Evaluation Total")) and ("Total" in line or "]  [" in line):
-            print("   ", line[:160], flush=True)
-    if proc.returncode != 0:
-        print(log[-5000:])
+    proc = subprocess.Popen([sys.executable, script, "--cfg-path", cfg, "--options", *options], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = []
+    for line in proc.stdout:
+        tail = (tail + [line])[-80:]
+        if line.startswith(("Train: data epoch", "Evaluation Total")):
+            print("   ", line.rstrip()[:160], flush=True)
+    if proc.wait() != 0:
+        print("".join(tail))
         sys.exit(f"{name} failed (exit {proc.returncode})")
     print(f"   {name} done in {time.time() - started:.0f} s", flush=True)
 

@@ -22,7 +22,10 @@ class PointCaptionDataset(Dataset):
     """Items: {"point": (P', 6) tensor, "text_input": caption, "instance_id": id}.
 
     Training draws one of an entry's ``captions`` at random (or its ``caption``); evaluation uses the
-    first. ``references`` gives every caption per id for caption metrics."""
+    first. ``references`` gives every caption per id for caption metrics; ``vocabularies`` (set by
+    a builder whose annotations carry attributes) enables attribute accuracy."""
+
+    vocabularies = None
 
     def __init__(self, points, annotations, vis_processor, text_processor, is_train):
         self.points, self.annotations = points, annotations

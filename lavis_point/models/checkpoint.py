@@ -82,10 +82,10 @@ def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), 
     own = model.state_dict()
     unexpected = [k for k in state_dict if k not in own]
     ignored = [k for k in unexpected if any(p.match(k) for p in ignore)]
-    unexpected = [k for k in unexpected if k not in ignored]
+    unexpected = [k for k in unexpected if not any(p.match(k) for p in ignore)]
     missing = [k for k in own if k not in state_dict]
     absent_ok = [k for k in missing if optional and k.startswith(optional)]
-    missing = [k for k in missing if k not in absent_ok]
+    missing = [k for k in missing if not (optional and k.startswith(optional))]
     mis_shaped = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state_dict.items()

@@ -79,12 +79,16 @@ class PointBertEncoder(BaseModel):
         pointnet_dims=(128, 256, 512),
         encoder_dims=256,
         channel_layout="xyz_rgb",
+        relative_xyz_scale=1.0,
     ):
         super().__init__()
         if channel_layout not in CHANNEL_LAYOUTS:
             raise ValueError(f"channel_layout must be one of {CHANNEL_LAYOUTS}, got {channel_layout!r}")
         self.num_groups, self.group_size, self.width = num_groups, group_size, width
         self.channel_layout = channel_layout
+        # Relative xyz inside a small group spans ~0.1 while rgb spans [-1, 1]: scaling xyz up keeps
+        # geometry from drowning in colour at the tokenizer's first layer. 1.0 for released weights.
+        self.relative_xyz_scale = relative_xyz_scale
         self.encoder = MiniPointNet(6, tuple(pointnet_dims), encoder_dims)
         self.reduce_dim = nn.Linear(encoder_dims, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -96,7 +100,7 @@ class PointBertEncoder(BaseModel):
     @classmethod
     def from_config(cls, cfg):
         keys = ("num_groups", "group_size", "width", "depth", "num_heads", "mlp_ratio", "drop_path_rate",
-                "pointnet_dims", "encoder_dims", "channel_layout")
+                "pointnet_dims", "encoder_dims", "channel_layout", "relative_xyz_scale")
         model = cls(**{k: cfg[k] for k in keys if cfg.get(k) is not None})
         if cfg.get("checkpoint"):
             model.load_checkpoint(cfg.checkpoint)
@@ -106,9 +110,11 @@ class PointBertEncoder(BaseModel):
         if points.dim() != 3 or points.shape[-1] != 6:
             raise ValueError(f"point_bert expects points of shape (B, N, 6), got {tuple(points.shape)}")
         groups, centres = group_points(points, self.num_groups, self.group_size)  # (B, G, k, 6), (B, G, 3)
+        relative, other = groups[..., :3], groups[..., 3:]
         if self.channel_layout == "gpt4point":
             # GPT4Point builds (relative xyz, absolute xyz): rgb is dropped. Kept only to reproduce it.
-            groups = torch.cat([groups[..., :3], groups[..., :3] + centres.unsqueeze(2)], dim=-1)
+            other = relative + centres.unsqueeze(2)
+        groups = torch.cat([relative * self.relative_xyz_scale, other], dim=-1)
         tokens = self.reduce_dim(self.encoder(groups))  # (B, G, width)
         pos = self.pos_embed(centres)
         batch = points.shape[0]
