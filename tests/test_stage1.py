@@ -8,7 +8,11 @@ TEXTS = ["a small red cube", "a large blue sphere", "a green cone", "a white tor
 
 
 def batch(n=4):
-    return {"point": torch.rand(n, 128, 6) * 2 - 1, "text_input": TEXTS[:n]}
+    """Clouds the encoder can tell apart: random xyz, one solid colour each."""
+    points = torch.rand(n, 128, 6) * 2 - 1
+    colours = torch.tensor([[1.0, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]])[:n]
+    points[..., 3:] = colours[:, None, :]
+    return {"point": points, "text_input": TEXTS[:n]}
 
 
 def test_forward_gives_three_finite_losses_that_sum_to_the_loss():
@@ -72,10 +76,10 @@ def test_training_on_one_batch_lowers_every_loss():
 
 
 def test_similarity_api_ranks_the_matching_text_first_after_training():
-    model = small_stage1()
+    model = small_stage1(itg_delay_steps=1000)  # contrastive + matching only (see itg_delay_steps)
     data = batch()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
+    for _ in range(80):
         opt.zero_grad()
         model(data)["loss"].backward()
         opt.step()

@@ -245,7 +245,8 @@ def init_qformer_from_bert(qformer: QFormer, path: str) -> int:
     """Initialise the Q-Former's BERT parts from a BERT checkpoint (e.g. the MiniLM shipped offline).
 
     Self-attention, embeddings and both feed-forwards (text and query copies, as BLIP-2 does) come
-    from the first ``num_layers`` BERT layers; cross-attention copies self-attention where shapes match. BERT adds token-type 0
+    from the first ``num_layers`` BERT layers; cross-attention stays random, as in BLIP-2. (Copying
+    self-attention into it was tried: its sharp attention let queries carry colour but not shape.) BERT adds token-type 0
     to every embedding; the Q-Former has no token types, so that row is folded into the positions.
     Returns the number of tensors copied."""
     src = bert_state_dict(path)
@@ -266,13 +267,6 @@ def init_qformer_from_bert(qformer: QFormer, path: str) -> int:
             value = grown
         if target in own:
             mapped[target] = value
-        if ".attention." in target:
-            # Cross-attention starts as a copy of the layer's self-attention wherever shapes allow
-            # (key/value only when the point width equals the hidden width): with a random
-            # cross-attention the queries barely see the points at first and a tiny run never learns.
-            c_target = target.replace(".attention.", ".crossattention.")
-            if c_target in own and own[c_target].shape == value.shape:
-                mapped[c_target] = value
         for branch in ("intermediate", "output"):
             part = f".{branch}."
             if part in target and ".attention." not in target:
