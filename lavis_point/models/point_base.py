@@ -74,7 +74,8 @@ class PointQueryModel(BaseModel):
             n = init_qformer_from_bert(self.Qformer, resolve_bert_path(qformer_init))
             log.info("Q-Former: %d tensors initialised from %s", n, qformer_init)
         # A bare matrix, as in GPT4Point's files: point_tokens @ pc_projection.
-        self.pc_projection = nn.Parameter(torch.randn(self.point_encoder.width, encoder_width) * self.point_encoder.width ** -0.5)
+        width = self.point_encoder.width
+        self.pc_projection = nn.Parameter(torch.randn(width, encoder_width) * width ** -0.5)
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_token, hidden) * 0.02)
 
     @staticmethod

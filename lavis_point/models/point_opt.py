@@ -148,7 +148,8 @@ class PointOPT(PointQueryModel):
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         self.opt_tokenizer.padding_side = "left"  # generation continues right after each prompt
         # The prompt's trailing space belongs to the first generated word ("of" + " a"), as in training.
-        tokens = self.opt_tokenizer([p.rstrip() for p in prompts], return_tensors="pt", padding="longest").to(self.device)
+        tokens = self.opt_tokenizer([p.rstrip() for p in prompts], return_tensors="pt", padding="longest")
+        tokens = tokens.to(self.device)
         prompt_len = tokens.input_ids.shape[1]
         outputs = self.opt_model.generate(
             input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, prefix_embeds=prefix,

@@ -245,8 +245,7 @@ def init_qformer_from_bert(qformer: QFormer, path: str) -> int:
     """Initialise the Q-Former's BERT parts from a BERT checkpoint (e.g. the MiniLM shipped offline).
 
     Self-attention, embeddings and both feed-forwards (text and query copies, as BLIP-2 does) come
-    from the first ``num_layers`` BERT layers; cross-attention stays random, as in BLIP-2. (Copying
-    self-attention into it was tried: its sharp attention let queries carry colour but not shape.) BERT adds token-type 0
+    from the first ``num_layers`` BERT layers; cross-attention stays random, as in BLIP-2. BERT adds token-type 0
     to every embedding; the Q-Former has no token types, so that row is folded into the positions.
     Returns the number of tensors copied."""
     src = bert_state_dict(path)

@@ -17,7 +17,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from lavis.common.registry import registry
