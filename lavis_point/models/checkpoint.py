@@ -75,17 +75,23 @@ def trainable_state_dict(model: torch.nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if not (skip and k.startswith(skip))}
 
 
+def _partition(keys, accept):
+    """(keys where accept(key), the other keys), each in order."""
+    yes, no = [], []
+    for k in keys:
+        (yes if accept(k) else no).append(k)
+    return yes, no
+
+
 def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), ignore_patterns=()):
     """Load ``state_dict`` into ``model`` under the contract above; returns a summary dict."""
     optional = tuple(optional_prefixes) + tuple(frozen_prefixes(model))
     ignore = [re.compile(p) for p in ignore_patterns]
     own = model.state_dict()
-    unexpected = [k for k in state_dict if k not in own]
-    ignored = [k for k in unexpected if any(p.match(k) for p in ignore)]
-    unexpected = [k for k in unexpected if not any(p.match(k) for p in ignore)]
-    missing = [k for k in own if k not in state_dict]
-    absent_ok = [k for k in missing if optional and k.startswith(optional)]
-    missing = [k for k in missing if not (optional and k.startswith(optional))]
+    ignored, unexpected = _partition((k for k in state_dict if k not in own),
+                                     lambda k: any(p.match(k) for p in ignore))
+    absent_ok, missing = _partition((k for k in own if k not in state_dict),
+                                    lambda k: bool(optional) and k.startswith(optional))
     mis_shaped = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state_dict.items()

@@ -127,5 +127,6 @@ class PointQFormer(PointQueryModel):
                                    ignore_index=-100, label_smoothing=0.1)
 
         step = samples.get("epoch", 0) * samples.get("num_iters_per_epoch", 0) + samples.get("iters", 0)
+        # While delayed, 0 * loss keeps the LM head in the graph: DDP fails on parameters without grads.
         loss = loss_itc + loss_itm + (loss_itg if step >= self.itg_delay_steps else 0.0 * loss_itg)
         return {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg}
