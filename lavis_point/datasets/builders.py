@@ -7,23 +7,31 @@ from lavis.common.dist_utils import is_dist_avail_and_initialized, is_main_proce
 from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
+from lavis_point.data_io.shards import ShardedClouds
 from lavis_point.datasets import shapes
 from lavis_point.datasets.point_caption import PointCaptionDataset, read_jsonl
 from lavis_point.paths import config_path
 
 
 def shard_datasets(folder, splits, vis_processors, text_processors, vocabularies=None):
-    """Datasets over a folder of shards: ``{split}_points.npy`` ((n, P, 6), memory-mapped) and
-    ``{split}.jsonl`` (one entry per cloud: id, index into the array, caption or captions)."""
+    """Datasets over a folder of shards: ``{split}.jsonl`` (one entry per cloud: id, where its row is,
+    caption or captions) and either ``{split}_points.npy`` ((n, P, 6), memory-mapped) or the numbered
+    shards scripts/convert_points.py writes (data_io/shards.py)."""
     datasets = {}
     for split in splits:
         points_path = os.path.join(folder, f"{split}_points.npy")
-        if not os.path.isfile(points_path):
-            raise FileNotFoundError(f"{points_path}: no point shard for split '{split}'")
+        index_path = os.path.join(folder, f"{split}.jsonl")
+        if os.path.isfile(points_path):
+            points = np.load(points_path, mmap_mode="r", allow_pickle=False)
+        elif os.path.isfile(index_path):
+            points = ShardedClouds(folder, split)
+        else:
+            raise FileNotFoundError(f"{points_path}: no point shard for split '{split}' (nor an index "
+                                    f"{split}.jsonl of numbered shards)")
         is_train = split == "train"
         dataset = PointCaptionDataset(
-            np.load(points_path, mmap_mode="r", allow_pickle=False),
-            read_jsonl(os.path.join(folder, f"{split}.jsonl")),
+            points,
+            read_jsonl(index_path),
             vis_processors["train" if is_train else "eval"],
             text_processors["train" if is_train else "eval"],
             is_train,

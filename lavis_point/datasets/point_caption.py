@@ -1,4 +1,6 @@
-"""Map-style point-text datasets over an (n, P, 6) array (a memory-mapped shard) and its annotations."""
+"""Map-style point-text datasets over clouds and their annotations. ``points`` is an (n, P, 6) array
+(a memory-mapped shard; entries' ``index`` picks the row) or a reader looked up by the whole entry
+(``ShardedClouds`` over many shards, ``CloudFiles`` over one file per cloud)."""
 import json
 
 import numpy as np
@@ -41,9 +43,12 @@ class PointCaptionDataset(Dataset):
         ann = self.annotations[i]
         captions = self.captions_of(ann)
         caption = captions[np.random.randint(len(captions))] if self.is_train else captions[0]
-        cloud = np.asarray(self.points[ann["index"]], dtype=np.float32)
+        cloud = np.asarray(self.cloud_of(ann), dtype=np.float32)
         return {"point": self.vis_processor(cloud), "text_input": self.text_processor(caption),
                 "instance_id": ann["id"]}
+
+    def cloud_of(self, ann):
+        return self.points[ann["index"]] if isinstance(self.points, np.ndarray) else self.points[ann]
 
     def collater(self, samples):
         return default_collate(samples)

@@ -12,29 +12,7 @@ import torch
 from lavis.common.registry import registry
 from lavis.processors.base_processor import BaseProcessor
 
-
-class PointCloudError(ValueError):
-    """A cloud that cannot be used; the message says what is wrong."""
-
-
-def as_cloud(array) -> np.ndarray:
-    """Validate and convert to float32 (N, 6), xyz then rgb in [0, 1]."""
-    a = np.asarray(array)
-    if a.ndim != 2 or a.shape[1] not in (3, 6):
-        raise PointCloudError(f"expected an (N, 3) or (N, 6) array of points, got shape {a.shape}")
-    if a.shape[0] == 0:
-        raise PointCloudError("the cloud has no points")
-    if not np.issubdtype(a.dtype, np.number):
-        raise PointCloudError(f"expected numbers, got dtype {a.dtype}")
-    a = a.astype(np.float32)
-    if not np.isfinite(a).all():
-        raise PointCloudError(f"{int((~np.isfinite(a)).any(axis=1).sum())} points have NaN or infinite values")
-    if a.shape[1] == 3:
-        return np.concatenate([a, np.ones_like(a)], axis=1)  # no colour: white
-    rgb = a[:, 3:]
-    if rgb.max() > 1.0:
-        rgb = rgb / 255.0
-    return np.concatenate([a[:, :3], np.clip(rgb, 0.0, 1.0)], axis=1)
+from lavis_point.data_io.clouds import PointCloudError, as_cloud  # noqa: F401  (PointCloudError: re-exported)
 
 
 def normalize_unit_sphere(xyz: np.ndarray) -> np.ndarray:

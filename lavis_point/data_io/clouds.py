@@ -1,0 +1,149 @@
+"""One function reads a point cloud from any file we accept: ``read_cloud(path)``.
+
+Formats, chosen by extension:
+  .pkl / .pickle   a pickled numpy array (Cap3D), through the restricted unpickler (no code runs)
+  .npy             a numpy array (never pickled objects)
+  .npz             the array under "points" (or "point", "cloud", "pc"), or "xyz" beside an optional
+                   "rgb"/"colors", or the archive's only array
+  .pts .xyz .txt   whitespace- or comma-separated rows "x y z [r g b]" (a leading point-count line is
+                   skipped)
+  .ply             a point cloud (vertices, optional colours) or, when it has faces, a mesh
+  .obj .glb .gltf .off .stl   a mesh, sampled to ``mesh_points`` coloured surface points (meshes.py)
+
+Every failure raises ``CloudReadError`` (a ``ValueError``), whose message starts with the file and says
+what is wrong: unreadable, truncated, unsafe pickle, wrong shape, no points, NaN or infinite values.
+"""
+import os
+
+import numpy as np
+import trimesh
+
+from lavis_point.data_io import meshes, safe_pickle
+
+PICKLE_EXTS = (".pkl", ".pickle")
+TEXT_EXTS = (".pts", ".xyz", ".txt")
+MESH_EXTS = (".ply", ".obj", ".glb", ".gltf", ".off", ".stl")
+CLOUD_EXTS = PICKLE_EXTS + (".npy", ".npz") + TEXT_EXTS + MESH_EXTS
+NPZ_KEYS = ("points", "point", "cloud", "pc")
+
+
+class PointCloudError(ValueError):
+    """A cloud that cannot be used; the message says what is wrong."""
+
+
+class CloudReadError(PointCloudError):
+    """A file that cannot be read as a cloud. ``path`` and ``reason`` are kept for reports."""
+
+    def __init__(self, path, reason):
+        self.path, self.reason = str(path), str(reason)
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+def check_cloud(array) -> np.ndarray:
+    """A float32 (N, 3) or (N, 6) array of finite numbers, or ``PointCloudError`` saying why not."""
+    a = np.asarray(array)
+    if a.ndim != 2 or a.shape[1] not in (3, 6):
+        raise PointCloudError(f"expected an (N, 3) or (N, 6) array of points, got shape {a.shape}")
+    if a.shape[0] == 0:
+        raise PointCloudError("the cloud has no points")
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or np.iscomplexobj(a):
+        raise PointCloudError(f"expected real numbers, got dtype {a.dtype}")
+    a = a.astype(np.float32)
+    bad = ~np.isfinite(a).all(axis=1)
+    if bad.any():
+        raise PointCloudError(f"{int(bad.sum())} points have NaN or infinite values")
+    return a
+
+
+def as_cloud(array) -> np.ndarray:
+    """Validate and convert to float32 (N, 6): xyz, then rgb in [0, 1] (white when there is none;
+    rgb stored as 0-255 is recognised by its maximum)."""
+    a = check_cloud(array)
+    if a.shape[1] == 3:
+        return np.concatenate([a, np.ones_like(a)], axis=1)
+    rgb = a[:, 3:]
+    if rgb.max() > 1.0:
+        rgb = rgb / 255.0
+    return np.concatenate([a[:, :3], np.clip(rgb, 0.0, 1.0)], axis=1)
+
+
+def read_cloud(path, *, white_if_missing=False, mesh_points=8192, seed=0) -> np.ndarray:
+    """The cloud in ``path``: float32 (N, 3) or (N, 6), rgb in [0, 1].
+
+    ``white_if_missing=True`` always returns (N, 6), clouds without colour becoming white. Meshes are
+    sampled to ``mesh_points`` points (deterministically for a given ``seed``) and always carry colour.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in CLOUD_EXTS:
+        raise CloudReadError(path, f"unknown extension '{ext}'; expected one of {', '.join(CLOUD_EXTS)}")
+    try:
+        raw = _read_raw(path, ext, mesh_points, seed)
+        cloud = as_cloud(raw)
+    except CloudReadError:
+        raise
+    except FileNotFoundError:
+        raise CloudReadError(path, "no such file") from None
+    except safe_pickle.UnsafePickleError as e:
+        raise CloudReadError(path, f"unsafe pickle: {e}") from None
+    except (EOFError, safe_pickle.pickle.UnpicklingError) as e:
+        raise CloudReadError(path, f"truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+    except PointCloudError as e:
+        raise CloudReadError(path, str(e)) from None
+    except Exception as e:  # any parser's failure on a bad file becomes one error that names the file
+        raise CloudReadError(path, f"unreadable ({type(e).__name__}: {e})") from None
+    if white_if_missing or raw.shape[1] == 6:
+        return cloud
+    return cloud[:, :3].copy()
+
+
+def _read_raw(path, ext, mesh_points, seed) -> np.ndarray:
+    if ext in PICKLE_EXTS:
+        with open(path, "rb") as f:
+            return safe_pickle.load_array(f)
+    if ext == ".npy":
+        return np.load(path, allow_pickle=False)
+    if ext == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            return _npz_cloud(archive)
+    if ext in TEXT_EXTS:
+        return _read_text(path)
+    return _read_geometry(path, mesh_points, seed)
+
+
+def _npz_cloud(archive) -> np.ndarray:
+    for key in NPZ_KEYS:
+        if key in archive.files:
+            return archive[key]
+    if "xyz" in archive.files:
+        colour = next((archive[k] for k in ("rgb", "colors", "colours") if k in archive.files), None)
+        return archive["xyz"] if colour is None else np.concatenate([archive["xyz"], colour], axis=1)
+    if len(archive.files) == 1:
+        return archive[archive.files[0]]
+    raise PointCloudError(f"no point array among {archive.files}; expected one of {NPZ_KEYS} or 'xyz'")
+
+
+def _read_text(path) -> np.ndarray:
+    with open(path, encoding="utf-8") as f:
+        lines = [line.replace(",", " ").split() for line in f if line.strip()]
+    if lines and len(lines[0]) == 1 and len(lines) > 1:
+        lines = lines[1:]  # a point-count header
+    widths = {len(row) for row in lines}
+    if len(widths) > 1:
+        raise PointCloudError(f"rows have different numbers of values: {sorted(widths)}")
+    try:
+        return np.array(lines, dtype=np.float64).reshape(len(lines), -1)
+    except ValueError as e:
+        raise PointCloudError(f"a value is not a number ({e})") from None
+
+
+def _read_geometry(path, mesh_points, seed) -> np.ndarray:
+    geometry = trimesh.load(path)
+    if isinstance(geometry, trimesh.PointCloud):
+        xyz = np.asarray(geometry.vertices)
+        colours = geometry.colors if geometry.colors is not None and len(geometry.colors) else None
+        return xyz if colours is None else np.concatenate([xyz, np.asarray(colours)[:, :3] / 255.0], axis=1)
+    parts = meshes.triangle_meshes(geometry)
+    if not parts:
+        raise PointCloudError(f"no triangles or points in the file (loaded a {type(geometry).__name__})")
+    return meshes.sample_surface(parts, mesh_points, seed)
