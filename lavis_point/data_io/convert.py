@@ -1,0 +1,138 @@
+"""Annotations + a folder of clouds (or meshes) -> the shard format training reads (shards.py).
+
+Work goes chunk by chunk: chunk k's good clouds become ``{split}_points_{k:05d}.npy`` (float16,
+(n_k, num_points, 6)), then ``{split}_points_{k:05d}.json`` records its index entries and bad files.
+Both are written under a temporary name and renamed, so a chunk is either finished or absent: an
+interrupted conversion, run again with the same settings, skips finished chunks. When every chunk is
+done, ``{split}.jsonl`` (the index) and ``{split}_report.json`` (counts, each bad file and why) are
+written. Clouds are stored as read (xyz as is, rgb in [0, 1], white when absent); a cloud with other
+than ``num_points`` points is resampled to it, with a seed from its id so reruns agree.
+"""
+import hashlib
+import json
+import multiprocessing
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from lavis_point.data_io.clouds import CloudReadError, read_cloud
+from lavis_point.data_io.shards import shard_name
+from lavis_point.processors.point_processors import resample
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def id_seed(object_id) -> int:
+    return int(hashlib.sha1(str(object_id).encode()).hexdigest()[:8], 16)
+
+
+def split_by_id(entries, fractions) -> dict:
+    """{split: entries}: each object goes to a split chosen by a hash of its id (stable across runs and
+    annotation order). ``fractions``: {split: share}, shares summing to 1."""
+    names, shares = list(fractions), np.cumsum(list(fractions.values()))
+    if not np.isclose(shares[-1], 1.0):
+        raise ValueError(f"split fractions {dict(fractions)} must sum to 1")
+    out = {name: [] for name in names}
+    for entry in entries:
+        u = id_seed(entry["id"]) / 0xFFFFFFFF
+        out[names[min(int(np.searchsorted(shares, u, side="right")), len(names) - 1)]].append(entry)
+    return out
+
+
+def load_for_shard(task):
+    """(path, id, num_points) -> ("ok", float16 (num_points, 6)) or ("bad", reason). Runs in workers."""
+    path, object_id, num_points = task
+    try:
+        cloud = read_cloud(path, white_if_missing=True, mesh_points=num_points, seed=id_seed(object_id))
+        peak = float(np.abs(cloud[:, :3]).max())
+        if peak > FLOAT16_MAX:
+            raise CloudReadError(path, f"coordinates reach {peak:.3g}, beyond float16's range; normalise first")
+        if len(cloud) != num_points:
+            cloud = resample(cloud, num_points, np.random.default_rng(id_seed(object_id)))
+        return "ok", cloud.astype(np.float16)
+    except CloudReadError as e:
+        return "bad", e.reason
+    except Exception as e:  # e.g. MemoryError on an absurd header: still one reported bad file
+        return "bad", f"{type(e).__name__}: {e}"
+
+
+def _replace_atomically(path, write):
+    tmp = path + ".partial"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _write_chunk(out, split, number, clouds, entries, bad):
+    name = shard_name(split, number)
+    if clouds:
+        _replace_atomically(os.path.join(out, name), lambda f: np.save(f, np.stack(clouds)))
+    record = json.dumps({"entries": entries, "bad": bad}).encode()
+    _replace_atomically(os.path.join(out, name[:-4] + ".json"), lambda f: f.write(record))
+
+
+def _check_manifest(out, split, settings):
+    path = os.path.join(out, f"{split}_manifest.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            started = json.load(f)
+        if started != settings:
+            changed = sorted(k for k in settings if started.get(k) != settings[k])
+            raise ValueError(f"{path}: this folder holds a conversion started with other settings "
+                             f"({', '.join(changed)}); use another output folder or delete its {split}_* files")
+    else:
+        _replace_atomically(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+
+def convert_split(entries, missing, folder, out, split, num_points=8192, shard_size=2048, workers=0,
+                  progress=True) -> dict:
+    """Convert located ``entries`` (each with "path"); ``missing`` ones are reported as bad. Returns the
+    report (also written to ``{out}/{split}_report.json``)."""
+    os.makedirs(out, exist_ok=True)
+    ids = hashlib.sha1("\n".join(e["id"] for e in entries).encode()).hexdigest()
+    _check_manifest(out, split, {"num_points": num_points, "shard_size": shard_size, "objects": len(entries),
+                                 "ids_sha1": ids})
+    chunks = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)]
+    record_path = [os.path.join(out, shard_name(split, k)[:-4] + ".json") for k in range(len(chunks))]
+    todo = [k for k in range(len(chunks)) if not os.path.isfile(record_path[k])]
+    bar = tqdm(total=len(entries), initial=len(entries) - sum(len(chunks[k]) for k in todo), unit="cloud",
+               desc=f"converting {split}", disable=not progress)
+    pool = multiprocessing.Pool(workers) if workers > 0 and todo else None
+    try:
+        for k in todo:
+            tasks = [(e["path"], e["id"], num_points) for e in chunks[k]]
+            results = pool.imap(load_for_shard, tasks, chunksize=8) if pool else map(load_for_shard, tasks)
+            clouds, index, bad = [], [], []
+            for entry, (status, value) in zip(chunks[k], results):
+                source = os.path.relpath(entry["path"], folder)
+                if status == "ok":
+                    index.append({"id": entry["id"], "shard": shard_name(split, k), "index": len(clouds),
+                                  "captions": entry["captions"], "source": source})
+                    clouds.append(value)
+                else:
+                    bad.append({"id": entry["id"], "path": source, "reason": value})
+                bar.update(1)
+            _write_chunk(out, split, k, clouds, index, bad)
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    return _finish(out, split, record_path, missing, folder)
+
+
+def _finish(out, split, record_path, missing, folder):
+    index, bad = [], [{"id": e["id"], "path": e.get("point"), "reason": f"no cloud file found in {folder}"}
+                      for e in missing]
+    for path in record_path:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        index.extend(record["entries"])
+        bad.extend(record["bad"])
+    lines = "".join(json.dumps(entry) + "\n" for entry in index).encode()
+    _replace_atomically(os.path.join(out, f"{split}.jsonl"), lambda f: f.write(lines))
+    report = {"split": split, "objects": len(index) + len(bad), "converted": len(index), "bad": len(bad),
+              "bad_files": bad}
+    _replace_atomically(os.path.join(out, f"{split}_report.json"),
+                        lambda f: f.write(json.dumps(report, indent=1).encode()))
+    return report

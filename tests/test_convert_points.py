@@ -1,0 +1,146 @@
+"""scripts/convert_points.py and data_io/convert.py: a folder mixing good and bad files -> shards."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lavis_point.data_io import convert
+from lavis_point.data_io.shards import ShardedClouds
+from lavis_point.datasets.cap3d import locate_clouds, read_annotations
+from tests import point_files as pf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_convert(annotations, folder, out, **kwargs):
+    located, missing = locate_clouds(read_annotations(annotations), folder)
+    return convert.convert_split(located, missing, folder, out, "train", progress=False, **kwargs)
+
+
+def index_of(out, split="train"):
+    with open(os.path.join(out, f"{split}.jsonl")) as f:
+        return {entry["id"]: entry for entry in map(json.loads, f)}
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    marker = tmp_path / "marker"
+    annotations, good, bad = pf.mixed_folder(str(tmp_path / "clouds"), marker)
+    return annotations, str(tmp_path / "clouds"), good, bad, marker
+
+
+def test_good_clouds_land_in_shards_bit_exact_and_bad_ones_are_reported(mixed, tmp_path):
+    annotations, folder, good, bad, marker = mixed
+    out = str(tmp_path / "shards")
+    report = run_convert(annotations, folder, out, num_points=2048, shard_size=4, workers=2)
+    assert not marker.exists()  # the pickle whose __reduce__ opens a file never ran
+    assert (report["objects"], report["converted"], report["bad"]) == (len(good) + len(bad), len(good), len(bad))
+    reasons = {b["id"]: b["reason"] for b in report["bad_files"]}
+    assert set(reasons) == set(bad)
+    for object_id, fragment in bad.items():
+        assert fragment in reasons[object_id], (object_id, reasons[object_id])
+    with open(os.path.join(out, "train_report.json")) as f:
+        assert json.load(f) == report
+
+    index, clouds = index_of(out), ShardedClouds(out, "train")
+    assert set(index) == set(good)
+    for object_id, expected in good.items():
+        row = clouds[index[object_id]]
+        assert row.dtype == np.float16 and row.shape == (2048, 6)
+        assert index[object_id]["captions"] == [f"a thing called {object_id}"]
+        if expected is not None:
+            assert np.array_equal(row, expected.astype(np.float16)), object_id
+    mesh = clouds[index["mesh0"]].astype(np.float32)
+    assert np.all(mesh[:, 2] == 0) and np.allclose(mesh[:, 3:], [1, 0, 0])
+    shards = sorted(n for n in os.listdir(out) if n.endswith(".npy"))
+    assert len(shards) > 1 and all(np.load(os.path.join(out, n), mmap_mode="r").dtype == np.float16 for n in shards)
+
+
+def test_clouds_of_other_sizes_are_resampled_reproducibly(tmp_path):
+    folder, out_a, out_b = tmp_path / "clouds", str(tmp_path / "a"), str(tmp_path / "b")
+    folder.mkdir()
+    big, small = pf.coloured_cloud(5000, seed=1), pf.coloured_cloud(300, seed=2)
+    np.save(folder / "big.npy", big)
+    np.save(folder / "small.npy", small)
+    (tmp_path / "captions.csv").write_text('big,"a big one, with a comma"\nsmall,a small one\n')
+    run_convert(str(tmp_path / "captions.csv"), str(folder), out_a, num_points=1024)
+    run_convert(str(tmp_path / "captions.csv"), str(folder), out_b, num_points=1024)
+    index, clouds = index_of(out_a), ShardedClouds(out_a, "train")
+    assert index["big"]["captions"] == ["a big one, with a comma"]
+    rows = {i: clouds[index[i]] for i in ("big", "small")}
+    assert all(r.shape == (1024, 6) for r in rows.values())
+    assert np.array_equal(np.load(os.path.join(out_a, "train_points_00000.npy")),
+                          np.load(os.path.join(out_b, "train_points_00000.npy")))
+    as_rows = lambda a: {tuple(r) for r in a.astype(np.float16).tolist()}  # noqa: E731
+    assert as_rows(rows["big"]) <= as_rows(big) and len(as_rows(rows["big"])) == 1024  # a subset, no repeats
+    assert as_rows(rows["small"]) == as_rows(small)  # every point kept, some repeated
+
+
+class Interrupted(Exception):
+    """Stands in for Ctrl-C or a killed job between two chunks."""
+
+
+def test_an_interrupted_conversion_resumes_without_redoing_finished_chunks(mixed, tmp_path, monkeypatch):
+    annotations, folder, _, _, _ = mixed
+    out, fresh = str(tmp_path / "resumed"), str(tmp_path / "fresh")
+    write_chunk, calls, interrupt = convert._write_chunk, [], [True]
+
+    def interrupted_on_second_chunk(*args):
+        calls.append(args[2])
+        if len(calls) == 2 and interrupt[0]:
+            raise Interrupted
+        write_chunk(*args)
+
+    monkeypatch.setattr(convert, "_write_chunk", interrupted_on_second_chunk)
+    with pytest.raises(Interrupted):
+        run_convert(annotations, folder, out, num_points=2048, shard_size=4)
+    assert not os.path.exists(os.path.join(out, "train.jsonl"))
+    first = os.stat(os.path.join(out, "train_points_00000.npy")).st_mtime_ns
+
+    calls.clear()
+    interrupt[0] = False
+    report = run_convert(annotations, folder, out, num_points=2048, shard_size=4)
+    assert 0 not in calls and calls == sorted(calls) and calls  # chunk 0 was kept, the rest done now
+    assert os.stat(os.path.join(out, "train_points_00000.npy")).st_mtime_ns == first
+    monkeypatch.setattr(convert, "_write_chunk", write_chunk)
+    assert report == run_convert(annotations, folder, fresh, num_points=2048, shard_size=4)
+    assert index_of(out) == index_of(fresh)
+    for name in os.listdir(fresh):
+        if name.endswith(".npy"):
+            assert np.array_equal(np.load(os.path.join(out, name)), np.load(os.path.join(fresh, name)))
+
+
+def test_resuming_with_other_settings_is_refused(mixed, tmp_path):
+    annotations, folder, _, _, _ = mixed
+    out = str(tmp_path / "shards")
+    run_convert(annotations, folder, out, num_points=2048, shard_size=4)
+    with pytest.raises(ValueError, match="num_points"):
+        run_convert(annotations, folder, out, num_points=1024, shard_size=4)
+
+
+def test_the_script_splits_a_cap3d_csv_by_id_and_reports(tmp_path):
+    folder = tmp_path / "clouds"
+    folder.mkdir()
+    rows = []
+    for i in range(12):
+        pf.write_pickle(folder / f"uid{i:02d}.pkl", pf.coloured_cloud(256, seed=i))
+        rows.append(f"uid{i:02d},object number {i}")
+    (folder / "uid99.pkl").write_bytes(b"\x80\x04garbage")
+    rows.append("uid99,a broken one")
+    (tmp_path / "Cap3D.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "shards"
+    proc = subprocess.run([sys.executable, "scripts/convert_points.py", "--annotations", str(tmp_path / "Cap3D.csv"),
+                           "--clouds", str(folder), "--out", str(out), "--split-fractions",
+                           "train=0.5,val=0.25,test=0.25", "--num-points", "256", "--workers", "0",
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"converted": 12}
+    assert "uid99.pkl: truncated or corrupt pickle" in proc.stdout
+    ids = {split: set(index_of(str(out), split)) for split in ("train", "val", "test")}
+    assert set().union(*ids.values()) == {f"uid{i:02d}" for i in range(12)}
+    assert all(ids.values()) and sum(map(len, ids.values())) == 12
+    assert convert.split_by_id([{"id": "uid03"}], {"train": 0.5, "val": 0.25, "test": 0.25}) == \
+        {s: [{"id": "uid03"}] if "uid03" in ids[s] else [] for s in ("train", "val", "test")}
