@@ -1,0 +1,195 @@
+"""Compiled FPS and kNN for CPU tensors (numba), exact against ``grouping.reference_*``.
+
+Both sort a cloud's points into a uniform grid of cubic cells (stable, so a cell keeps index order).
+- FPS keeps each non-empty cell's bounding box and the largest distance-to-the-centres in it: a new
+  centre whose distance to a cell's box is at least that largest distance cannot lower any of it,
+  so the cell is skipped. Only cells near each new centre are touched (the bucket idea of QuickFPS).
+- kNN visits cells in rings around the centre's cell and stops once the k-th best distance is below
+  the distance to anything outside the rings.
+Distances are float32 ``(dx*dx + dy*dy) + dz*dz`` as in the reference; skips and stops keep a
+relative margin (1e-6) above float32 rounding, so no candidate is lost to it. One cloud per thread.
+"""
+import math
+
+import numpy as np
+import torch
+
+try:
+    import numba
+except ImportError:  # the torch path in grouping.py takes over
+    numba = None
+
+# FPS: ~16 points per cell in a solid (more on a surface), so few cells to scan per centre. kNN:
+# finer, ~k / 8 per cell in a solid, so the rings around a centre hold little beyond its k nearest.
+POINTS_PER_FPS_CELL = 16
+KNN_CELLS_PER_NEIGHBOUR = 1 / 8
+MARGIN = 1e-6
+
+
+def available() -> bool:
+    return numba is not None
+
+
+def _cells_per_axis(num_points, points_per_cell):
+    return max(1, round((num_points / points_per_cell) ** (1 / 3)))
+
+
+def _as_clouds(xyz: torch.Tensor) -> np.ndarray:
+    xyz = xyz.detach().to(torch.float32).contiguous()
+    if not torch.isfinite(xyz).all():
+        raise ValueError("point coordinates contain NaN or inf: grouping needs finite xyz")
+    return xyz.numpy()
+
+
+def farthest_point_sample(xyz: torch.Tensor, num_groups: int) -> torch.Tensor:
+    clouds = _as_clouds(xyz)
+    out = np.empty((clouds.shape[0], num_groups), dtype=np.int64)
+    _fps_batch(clouds, num_groups, _cells_per_axis(clouds.shape[1], POINTS_PER_FPS_CELL), out)
+    return torch.from_numpy(out)
+
+
+def knn(xyz: torch.Tensor, centres: torch.Tensor, k: int) -> torch.Tensor:
+    clouds, queries = _as_clouds(xyz), _as_clouds(centres)
+    out = np.empty((clouds.shape[0], queries.shape[1], k), dtype=np.int64)
+    _knn_batch(clouds, queries, k, _cells_per_axis(clouds.shape[1], k * KNN_CELLS_PER_NEIGHBOUR), out)
+    return torch.from_numpy(out)
+
+
+if numba is not None:
+    def njit(fn=None, **options):
+        return numba.njit(fn, cache=True, nogil=True, **options) if fn else numba.njit(cache=True, nogil=True, **options)
+
+    @njit
+    def _grid(xyz, cells):
+        """-> (lo (3,), cell width, dims (3,), order: point indices sorted by cell, start (C+1,))."""
+        lo = np.empty(3)
+        hi = np.empty(3)
+        for a in range(3):
+            lo[a] = xyz[:, a].min()
+            hi[a] = xyz[:, a].max()
+        extent = (hi - lo).max()
+        width = extent / cells if extent > 0 else 1.0
+        dims = np.empty(3, dtype=np.int64)
+        for a in range(3):
+            dims[a] = min(cells, int((hi[a] - lo[a]) / width) + 1)
+        n = xyz.shape[0]
+        cell = np.empty(n, dtype=np.int64)
+        for t in range(n):
+            c = 0
+            for a in range(3):
+                i = min(int((xyz[t, a] - lo[a]) / width), dims[a] - 1)
+                c = c * dims[a] + i
+            cell[t] = c
+        order = np.argsort(cell, kind="mergesort")
+        start = np.zeros(dims[0] * dims[1] * dims[2] + 1, dtype=np.int64)
+        for t in range(n):
+            start[cell[t] + 1] += 1
+        return lo, width, dims, order, np.cumsum(start)
+
+    @njit
+    def _fps_one(xyz, num_groups, cells, out):
+        lo, width, dims, order, start = _grid(xyz, cells)
+        pts = xyz[order]  # (N, 3), cell by cell
+        sizes = start[1:] - start[:-1]
+        bucket_start = start[:-1][sizes > 0]
+        bucket_end = start[1:][sizes > 0]
+        num_buckets = bucket_start.shape[0]
+        box = np.empty((num_buckets, 6))  # min xyz, max xyz
+        for b in range(num_buckets):
+            for a in range(3):
+                box[b, a] = pts[bucket_start[b]:bucket_end[b], a].min()
+                box[b, 3 + a] = pts[bucket_start[b]:bucket_end[b], a].max()
+        dist = np.full(pts.shape[0], np.inf, dtype=np.float32)
+        bucket_max = np.full(num_buckets, np.inf)
+        bucket_arg = np.zeros(num_buckets, dtype=np.int64)
+        farthest = 0
+        for i in range(num_groups):
+            out[i] = farthest
+            cx, cy, cz = xyz[farthest, 0], xyz[farthest, 1], xyz[farthest, 2]
+            for b in range(num_buckets):
+                gap = 0.0
+                for a in range(3):
+                    c = xyz[farthest, a]
+                    g = max(box[b, a] - c, c - box[b, 3 + a], 0.0)
+                    gap += g * g
+                if gap * (1 - MARGIN) >= bucket_max[b]:
+                    continue  # this centre is farther from every point here than its nearest centre
+                best = -1.0
+                arg = 0
+                for t in range(bucket_start[b], bucket_end[b]):
+                    dx, dy, dz = pts[t, 0] - cx, pts[t, 1] - cy, pts[t, 2] - cz
+                    d = dx * dx + dy * dy + dz * dz
+                    if d < dist[t]:
+                        dist[t] = d
+                    if dist[t] > best:  # strict: within a cell indices ascend, the lowest wins ties
+                        best = dist[t]
+                        arg = order[t]
+                bucket_max[b] = best
+                bucket_arg[b] = arg
+            best = -1.0
+            for b in range(num_buckets):
+                if bucket_max[b] > best or (bucket_max[b] == best and bucket_arg[b] < farthest):
+                    best = bucket_max[b]
+                    farthest = bucket_arg[b]
+
+    @njit(parallel=True)
+    def _fps_batch(clouds, num_groups, cells, out):
+        for b in numba.prange(clouds.shape[0]):
+            _fps_one(clouds[b], num_groups, cells, out[b])
+
+    @njit
+    def _knn_one(xyz, queries, k, cells, out):
+        lo, width, dims, order, start = _grid(xyz, cells)
+        pts = xyz[order]
+        best_d = np.empty(k, dtype=np.float32)
+        best_i = np.empty(k, dtype=np.int64)
+        home = np.empty(3, dtype=np.int64)
+        u = np.empty(3)
+        for g in range(queries.shape[0]):
+            qx, qy, qz = queries[g, 0], queries[g, 1], queries[g, 2]
+            for a in range(3):
+                u[a] = (queries[g, a] - lo[a]) / width  # position in cell units
+                home[a] = min(max(int(math.floor(u[a])), 0), dims[a] - 1)
+            count = 0
+            r = 0
+            while True:
+                for ix in range(max(home[0] - r, 0), min(home[0] + r, dims[0] - 1) + 1):
+                    for iy in range(max(home[1] - r, 0), min(home[1] + r, dims[1] - 1) + 1):
+                        for iz in range(max(home[2] - r, 0), min(home[2] + r, dims[2] - 1) + 1):
+                            if max(abs(ix - home[0]), abs(iy - home[1]), abs(iz - home[2])) != r:
+                                continue  # visited in an earlier ring
+                            c = (ix * dims[1] + iy) * dims[2] + iz
+                            for t in range(start[c], start[c + 1]):
+                                dx, dy, dz = pts[t, 0] - qx, pts[t, 1] - qy, pts[t, 2] - qz
+                                d = dx * dx + dy * dy + dz * dz
+                                idx = order[t]
+                                if count == k and (d > best_d[k - 1] or (d == best_d[k - 1] and idx > best_i[k - 1])):
+                                    continue
+                                j = count if count < k else k - 1  # insert by (distance, index)
+                                while j > 0 and (best_d[j - 1] > d or (best_d[j - 1] == d and best_i[j - 1] > idx)):
+                                    best_d[j] = best_d[j - 1]
+                                    best_i[j] = best_i[j - 1]
+                                    j -= 1
+                                best_d[j] = d
+                                best_i[j] = idx
+                                if count < k:
+                                    count += 1
+                # Distance (cell units) from the query to the nearest cell outside the rings so far.
+                outside = np.inf
+                for a in range(3):
+                    if home[a] - r > 0:
+                        outside = min(outside, u[a] - (home[a] - r))
+                    if home[a] + r < dims[a] - 1:
+                        outside = min(outside, home[a] + r + 1 - u[a])
+                if outside == np.inf:
+                    break  # the rings cover the grid
+                bound = max(outside * width * (1 - MARGIN), 0.0)
+                if count == k and best_d[k - 1] < bound * bound * (1 - MARGIN):
+                    break
+                r += 1
+            out[g] = best_i
+
+    @njit(parallel=True)
+    def _knn_batch(clouds, queries, k, cells, out):
+        for b in numba.prange(clouds.shape[0]):
+            _knn_one(clouds[b], queries[b], k, cells, out[b])
