@@ -1,0 +1,152 @@
+"""Cap3D / Objaverse point-caption data: annotation readers and the ``cap3d_point_caption`` builder.
+
+Annotations (``read_annotations``), by extension:
+  .json   GPT4Point's list of {"point": <cloud path>, "caption": <text>} (also "uid"/"id", "captions")
+  .csv    Cap3D's captions: rows ``uid,caption`` (no header, or a header naming uid and caption)
+  .jsonl  one such object per line (our shard index is one)
+Entries are grouped by object id (a cloud's file stem when no id is given), keeping every caption.
+
+Clouds come either from shards made by scripts/convert_points.py (fast: contiguous, memory-mapped) or
+straight from a folder of per-object files (.pkl .npy .npz .ply ...; read with ``read_cloud``).
+"""
+import csv
+import json
+import logging
+import os
+
+from lavis.common.registry import registry
+from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+
+from lavis_point.data_io.clouds import CLOUD_EXTS, read_cloud
+from lavis_point.datasets.builders import shard_datasets
+from lavis_point.datasets.point_caption import PointCaptionDataset, read_jsonl
+from lavis_point.paths import config_path
+
+
+def read_annotations(path) -> list:
+    """[{"id", "point" (a path as written, or None), "captions": [...]}], one per object, in file order."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".csv":
+        rows = _read_csv(path)
+    elif ext == ".jsonl":
+        rows = read_jsonl(path)
+    elif ext == ".json":
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+        if isinstance(rows, dict) and isinstance(rows.get("annotations"), list):
+            rows = rows["annotations"]
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of {{'point', 'caption'}} objects, got "
+                             f"{type(rows).__name__}")
+    else:
+        raise ValueError(f"{path}: unknown annotation format '{ext}'; expected .json, .jsonl or .csv")
+    grouped = {}
+    for number, row in enumerate(rows, 1):
+        entry = _entry(row, f"{path}: entry {number}")
+        kept = grouped.setdefault(entry["id"], entry)
+        if kept is not entry:
+            kept["captions"].extend(entry["captions"])
+    return list(grouped.values())
+
+
+def _entry(row, where):
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with 'point' and 'caption', got {type(row).__name__}")
+    captions = row.get("captions") or ([row["caption"]] if row.get("caption") is not None else [])
+    if not captions or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"{where}: no caption text ('caption' or 'captions')")
+    point = row.get("point") or row.get("path")
+    uid = row.get("uid") or row.get("id") or (object_id(point) if point else None)
+    if uid is None:
+        raise ValueError(f"{where}: neither 'point' nor 'uid' names the object")
+    return {"id": str(uid), "point": point, "captions": list(captions)}
+
+
+def _read_csv(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        table = [row for row in csv.reader(f) if row]
+    if table and [c.strip().lower() for c in table[0][:2]] in (["uid", "caption"], ["id", "caption"]):
+        table = table[1:]
+    for number, row in enumerate(table, 1):
+        if len(row) < 2:
+            raise ValueError(f"{path}: row {number}: expected 'uid,caption', got {row}")
+    return [{"uid": row[0].strip(), "caption": ",".join(row[1:]).strip()} for row in table]
+
+
+def object_id(point_path) -> str:
+    """An object's id from its cloud's path: the file name without extension (Cap3D's uid)."""
+    name = os.path.basename(str(point_path))
+    stem, ext = os.path.splitext(name)
+    return stem if ext.lower() in CLOUD_EXTS else name
+
+
+def index_cloud_files(folder) -> dict:
+    """object id -> path of every cloud file under ``folder`` (searched recursively)."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            if os.path.splitext(name)[1].lower() in CLOUD_EXTS:
+                found.setdefault(object_id(name), os.path.join(root, name))
+    return found
+
+
+def locate_clouds(entries, folder):
+    """(entries with "path" set, entries whose cloud file was not found). A "point" is taken relative to
+    ``folder`` (or as given, when absolute); failing that the object is looked up by id in ``folder``."""
+    by_id, located, missing = None, [], []
+    for entry in entries:
+        point = entry.get("point")
+        path = os.path.join(folder, point) if point else None
+        if path is None or not os.path.isfile(path):
+            by_id = index_cloud_files(folder) if by_id is None else by_id
+            path = by_id.get(entry["id"])
+        (located if path else missing).append({**entry, "path": path} if path else entry)
+    return located, missing
+
+
+class CloudFiles:
+    """``clouds[entry]`` -> the float32 (N, 6) cloud in ``entry["path"]`` (one file read per item)."""
+
+    def __getitem__(self, entry):
+        return read_cloud(entry["path"], white_if_missing=True)
+
+
+def resolve(root, path) -> str:
+    path = os.path.expandvars(os.path.expanduser(str(path)))
+    return path if os.path.isabs(path) else os.path.join(root, path)
+
+
+@registry.register_builder("cap3d_point_caption")
+class Cap3DPointCaptionBuilder(BaseDatasetBuilder):
+    """Cap3D point-caption pairs (train / val / test). ``build_info.root`` ($LAVIS_POINT_CAP3D by
+    default) holds the data; ``source: shards`` reads ``build_info.shards`` (converted, fast),
+    ``source: files`` reads ``build_info.annotations[split]`` over the cloud files in
+    ``build_info.clouds`` (no conversion, one file per item)."""
+
+    train_dataset_cls = eval_dataset_cls = PointCaptionDataset
+    DATASET_CONFIG_DICT = {"default": config_path("datasets/cap3d/defaults.yaml")}
+
+    def build_datasets(self):
+        info = self.config.build_info
+        root = os.path.expandvars(os.path.expanduser(str(info.root)))
+        splits = list(info.splits)
+        self.build_processors()
+        if info.source == "shards":
+            return shard_datasets(resolve(root, info.shards), splits, self.vis_processors, self.text_processors)
+        if info.source != "files":
+            raise ValueError(f"datasets.cap3d_point_caption.build_info.source: expected 'shards' or 'files', "
+                             f"got '{info.source}'")
+        folder = resolve(root, info.clouds)
+        return {split: self._files_dataset(resolve(root, info.annotations[split]), folder, split)
+                for split in splits}
+
+    def _files_dataset(self, annotation_path, folder, split):
+        located, missing = locate_clouds(read_annotations(annotation_path), folder)
+        if missing:  # a counted skip: the run goes on without them and says how many
+            logging.warning(f"{annotation_path}: {len(missing)} of {len(located) + len(missing)} objects have "
+                            f"no cloud file in {folder} (first: {missing[0]['id']}); skipped")
+        if not located:
+            raise FileNotFoundError(f"{annotation_path}: none of its objects has a cloud file in {folder}")
+        is_train = split == "train"
+        return PointCaptionDataset(CloudFiles(), located, self.vis_processors["train" if is_train else "eval"],
+                                   self.text_processors["train" if is_train else "eval"], is_train)
