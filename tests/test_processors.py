@@ -74,3 +74,63 @@ def test_bad_clouds_are_refused_with_the_reason(bad, reason):
 def test_eval_refuses_augmentation_settings():
     with pytest.raises(ValueError, match="point_train"):
         PointEvalProcessor.from_config({"rotate": True})
+
+
+def only(**switches):
+    """A train processor with every augmentation off except ``switches`` (as a YAML would set them)."""
+    cfg = {"num_points": 2048, "scale": None, "shift": 0.0, "rotate": False, "dropout": 0.0, **switches}
+    return PointTrainProcessor.from_config(cfg)
+
+
+def by_colour(points):
+    """Rows ordered by their red channel: random colours are unique, so this undoes resampling's order."""
+    return points[torch.argsort(points[:, 3])]
+
+
+def test_train_defaults_are_gpt4point_augmentation():
+    p = PointTrainProcessor.from_config({})
+    assert (p.scale, p.shift, p.rotate, p.dropout, p.num_points) == ((0.8, 1.25), 0.1, True, 0.0, 8192)
+
+
+def test_with_every_augmentation_switched_off_train_equals_eval():
+    c = cloud(2048)
+    assert torch.equal(only()(c), PointEvalProcessor.from_config({"num_points": 2048})(c))
+
+
+def test_scale_multiplies_xyz_by_one_factor_in_range_and_leaves_colour():
+    c, ev = cloud(2048), PointEvalProcessor.from_config({"num_points": 2048})(cloud(2048))
+    factors = []
+    for seed in range(20):
+        out = by_colour(only(scale=[0.8, 1.25], seed=seed)(c))
+        ev = by_colour(ev)
+        factor = float((out[:, :3] * ev[:, :3]).sum() / (ev[:, :3] ** 2).sum())  # least squares
+        assert torch.allclose(out[:, :3], factor * ev[:, :3], atol=1e-5)
+        assert torch.equal(out[:, 3:], ev[:, 3:])
+        factors.append(factor)
+    assert 0.8 <= min(factors) < max(factors) <= 1.25 and max(factors) - min(factors) > 0.2
+
+
+def test_shift_moves_the_whole_cloud_by_at_most_the_configured_amount():
+    c, ev = cloud(2048), PointEvalProcessor.from_config({"num_points": 2048})(cloud(2048))
+    for seed in range(20):
+        delta = by_colour(only(shift=0.1, seed=seed)(c))[:, :3] - by_colour(ev)[:, :3]
+        assert torch.allclose(delta, delta[:1].expand_as(delta), atol=1e-5)
+        assert delta[0].abs().max() <= 0.1 + 1e-6 and delta[0].abs().max() > 0
+
+
+def test_dropout_replaces_whole_points_with_the_first_one():
+    c = cloud(2048)
+    plain, dropped = only()(c), only(dropout=0.9, seed=2)(c)
+    is_first = (dropped == dropped[:1]).all(dim=1)
+    assert 0 < is_first[1:].sum() < 2048 * 0.9 and (plain == plain[:1]).all(dim=1)[1:].sum() == 0
+    survivors, plain = by_colour(dropped[~is_first]), by_colour(plain)
+    same_colour = torch.isin(plain[:, 3], survivors[:, 3])
+    assert torch.allclose(survivors, plain[same_colour], atol=1e-5)  # survivors keep xyz and colour
+
+
+def test_float16_clouds_from_shards_are_accepted():
+    c = cloud(2048)
+    c[:, :3] /= 10  # keep xyz in float16's precise range
+    a = PointEvalProcessor.from_config({"num_points": 2048})(c.astype(np.float16))
+    b = PointEvalProcessor.from_config({"num_points": 2048})(c)
+    assert torch.allclose(a, b, atol=5e-3)

@@ -52,8 +52,13 @@ class PointProcessor(BaseProcessor):
         xyz = normalize_unit_sphere(cloud[:, :3]) if self.normalize else cloud[:, :3]
         if rng is not None:
             xyz = self._augment(xyz, rng)
-        rgb = cloud[:, 3:] * 2.0 - 1.0
-        return torch.from_numpy(np.concatenate([xyz, rgb], axis=1).astype(np.float32))
+        out = np.concatenate([xyz, cloud[:, 3:] * 2.0 - 1.0], axis=1)  # (num_points, 6)
+        if rng is not None and self.dropout > 0:
+            # Dropped points become copies of the first point, colour included (PointNet++'s trick):
+            # the shape stays fixed.
+            drop = rng.random(len(out)) < rng.uniform(0, self.dropout)
+            out = np.where(drop[:, None], out[:1], out)
+        return torch.from_numpy(out.astype(np.float32))
 
     def _augment(self, xyz, rng):
         if self.rotate:
@@ -64,10 +69,6 @@ class PointProcessor(BaseProcessor):
             xyz = xyz * rng.uniform(*self.scale)
         if self.shift > 0:
             xyz = xyz + rng.uniform(-self.shift, self.shift, size=3)
-        if self.dropout > 0:
-            # Dropped points repeat the first point (PointNet++'s trick): the shape stays fixed.
-            drop = rng.random(len(xyz)) < rng.uniform(0, self.dropout)
-            xyz = np.where(drop[:, None], xyz[:1], xyz)
         return xyz
 
     @classmethod
