@@ -80,57 +80,94 @@ if numba is not None:
                 i = min(int((xyz[t, a] - lo[a]) / width), dims[a] - 1)
                 c = c * dims[a] + i
             cell[t] = c
-        order = np.argsort(cell, kind="mergesort")
         start = np.zeros(dims[0] * dims[1] * dims[2] + 1, dtype=np.int64)
         for t in range(n):
             start[cell[t] + 1] += 1
-        return lo, width, dims, order, np.cumsum(start)
+        start = np.cumsum(start)
+        order = np.empty(n, dtype=np.int64)  # counting sort: stable, so a cell keeps index order
+        fill = start[:-1].copy()
+        for t in range(n):
+            order[fill[cell[t]]] = t
+            fill[cell[t]] += 1
+        return lo, width, dims, order, start
+
+    @njit
+    def _better(val_a, arg_a, val_b, arg_b):
+        return val_a > val_b or (val_a == val_b and arg_a < arg_b)
 
     @njit
     def _fps_one(xyz, num_groups, cells, out):
         lo, width, dims, order, start = _grid(xyz, cells)
-        pts = xyz[order]  # (N, 3), cell by cell
-        sizes = start[1:] - start[:-1]
-        bucket_start = start[:-1][sizes > 0]
-        bucket_end = start[1:][sizes > 0]
-        num_buckets = bucket_start.shape[0]
-        box = np.empty((num_buckets, 6))  # min xyz, max xyz
-        for b in range(num_buckets):
-            for a in range(3):
-                box[b, a] = pts[bucket_start[b]:bucket_end[b], a].min()
-                box[b, 3 + a] = pts[bucket_start[b]:bucket_end[b], a].max()
-        dist = np.full(pts.shape[0], np.inf, dtype=np.float32)
-        bucket_max = np.full(num_buckets, np.inf)
-        bucket_arg = np.zeros(num_buckets, dtype=np.int64)
-        farthest = 0
+        px, py, pz = xyz[order, 0].copy(), xyz[order, 1].copy(), xyz[order, 2].copy()  # cell by cell
+        num_cells = start.shape[0] - 1
+        box = np.empty((num_cells, 6))  # min xyz, max xyz of the points in a cell
+        for c in range(num_cells):
+            if start[c + 1] > start[c]:
+                s, e = start[c], start[c + 1]
+                box[c, 0], box[c, 1], box[c, 2] = px[s:e].min(), py[s:e].min(), pz[s:e].min()
+                box[c, 3], box[c, 4], box[c, 5] = px[s:e].max(), py[s:e].max(), pz[s:e].max()
+        dist = np.full(px.shape[0], np.inf, dtype=np.float32)
+        # A tournament tree over cells: node = (largest distance below it, lowest index among equals).
+        leaves = 1
+        while leaves < num_cells:
+            leaves *= 2
+        tree_val = np.full(2 * leaves, -np.inf)
+        tree_arg = np.full(2 * leaves, xyz.shape[0], dtype=np.int64)
+        for c in range(num_cells):
+            if start[c + 1] > start[c]:
+                tree_val[leaves + c] = np.inf
+                tree_arg[leaves + c] = order[start[c]]
+        for node in range(leaves - 1, 0, -1):
+            left, right = 2 * node, 2 * node + 1
+            child = left if _better(tree_val[left], tree_arg[left], tree_val[right], tree_arg[right]) else right
+            tree_val[node], tree_arg[node] = tree_val[child], tree_arg[child]
+        lo_cell = np.empty(3, dtype=np.int64)
+        hi_cell = np.empty(3, dtype=np.int64)
         for i in range(num_groups):
+            farthest = tree_arg[1]
             out[i] = farthest
-            cx, cy, cz = xyz[farthest, 0], xyz[farthest, 1], xyz[farthest, 2]
-            for b in range(num_buckets):
-                gap = 0.0
-                for a in range(3):
-                    c = xyz[farthest, a]
-                    g = max(box[b, a] - c, c - box[b, 3 + a], 0.0)
-                    gap += g * g
-                if gap * (1 - MARGIN) >= bucket_max[b]:
-                    continue  # this centre is farther from every point here than its nearest centre
-                best = -1.0
-                arg = 0
-                for t in range(bucket_start[b], bucket_end[b]):
-                    dx, dy, dz = pts[t, 0] - cx, pts[t, 1] - cy, pts[t, 2] - cz
-                    d = dx * dx + dy * dy + dz * dz
-                    if d < dist[t]:
-                        dist[t] = d
-                    if dist[t] > best:  # strict: within a cell indices ascend, the lowest wins ties
-                        best = dist[t]
-                        arg = order[t]
-                bucket_max[b] = best
-                bucket_arg[b] = arg
-            best = -1.0
-            for b in range(num_buckets):
-                if bucket_max[b] > best or (bucket_max[b] == best and bucket_arg[b] < farthest):
-                    best = bucket_max[b]
-                    farthest = bucket_arg[b]
+            centre = xyz[farthest]
+            # Only points nearer than the farthest distance can get nearer to this centre.
+            reach = np.sqrt(tree_val[1]) * (1 + MARGIN) + MARGIN * width
+            for a in range(3):
+                if reach == np.inf:
+                    lo_cell[a], hi_cell[a] = 0, dims[a] - 1
+                else:
+                    lo_cell[a] = max(int(math.floor((centre[a] - reach - lo[a]) / width)), 0)
+                    hi_cell[a] = min(int(math.floor((centre[a] + reach - lo[a]) / width)), dims[a] - 1)
+            for ix in range(lo_cell[0], hi_cell[0] + 1):
+                for iy in range(lo_cell[1], hi_cell[1] + 1):
+                    for iz in range(lo_cell[2], hi_cell[2] + 1):
+                        c = (ix * dims[1] + iy) * dims[2] + iz
+                        if start[c + 1] == start[c]:
+                            continue
+                        gap = 0.0
+                        for a in range(3):
+                            g = max(box[c, a] - centre[a], centre[a] - box[c, 3 + a], 0.0)
+                            gap += g * g
+                        if gap * (1 - MARGIN) >= tree_val[leaves + c]:
+                            continue  # this centre is farther from every point here than its nearest centre
+                        cx, cy, cz = centre[0], centre[1], centre[2]
+                        best = -1.0
+                        arg = 0
+                        for t in range(start[c], start[c + 1]):
+                            dx, dy, dz = px[t] - cx, py[t] - cy, pz[t] - cz
+                            d = dx * dx + dy * dy + dz * dz
+                            if d < dist[t]:
+                                dist[t] = d
+                            if dist[t] > best:  # strict: within a cell indices ascend, the lowest wins ties
+                                best = dist[t]
+                                arg = order[t]
+                        node = leaves + c
+                        tree_val[node], tree_arg[node] = best, arg
+                        while node > 1:
+                            node //= 2
+                            left, right = 2 * node, 2 * node + 1
+                            if _better(tree_val[left], tree_arg[left], tree_val[right], tree_arg[right]):
+                                child = left
+                            else:
+                                child = right
+                            tree_val[node], tree_arg[node] = tree_val[child], tree_arg[child]
 
     @njit(parallel=True)
     def _fps_batch(clouds, num_groups, cells, out):
