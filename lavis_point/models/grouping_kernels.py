@@ -7,9 +7,14 @@ Both sort a cloud's points into a uniform grid of cubic cells (stable, so a cell
 - kNN visits cells in rings around the centre's cell and stops once the k-th best distance is below
   the distance to anything outside the rings.
 Distances are float32 ``(dx*dx + dy*dy) + dz*dz`` as in the reference; skips and stops keep a
-relative margin (1e-6) above float32 rounding, so no candidate is lost to it. One cloud per thread.
+relative margin (1e-6) above float32 rounding, so no candidate is lost to it.
+
+Clouds run in parallel on Python threads (the kernels release the GIL), as many as torch's intra-op
+threads. Not numba's ``parallel=True``: its OpenMP workers keep spinning after a kernel returns and
+slowed every torch op that followed (generation ran ~15x slower on 2 cores).
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -41,23 +46,40 @@ def _as_clouds(xyz: torch.Tensor) -> np.ndarray:
     return xyz.numpy()
 
 
+_pool = {}
+
+
+def _per_cloud(kernel, batch):
+    """Run ``kernel(b)`` for every cloud b, on up to torch.get_num_threads() threads."""
+    workers = min(batch, torch.get_num_threads())
+    if workers <= 1:
+        for b in range(batch):
+            kernel(b)
+        return
+    if workers not in _pool:
+        _pool[workers] = ThreadPoolExecutor(workers, thread_name_prefix="lavis-point-grouping")
+    list(_pool[workers].map(kernel, range(batch)))
+
+
 def farthest_point_sample(xyz: torch.Tensor, num_groups: int) -> torch.Tensor:
     clouds = _as_clouds(xyz)
     out = np.empty((clouds.shape[0], num_groups), dtype=np.int64)
-    _fps_batch(clouds, num_groups, _cells_per_axis(clouds.shape[1], POINTS_PER_FPS_CELL), out)
+    cells = _cells_per_axis(clouds.shape[1], POINTS_PER_FPS_CELL)
+    _per_cloud(lambda b: _fps_one(clouds[b], num_groups, cells, out[b]), clouds.shape[0])
     return torch.from_numpy(out)
 
 
 def knn(xyz: torch.Tensor, centres: torch.Tensor, k: int) -> torch.Tensor:
     clouds, queries = _as_clouds(xyz), _as_clouds(centres)
     out = np.empty((clouds.shape[0], queries.shape[1], k), dtype=np.int64)
-    _knn_batch(clouds, queries, k, _cells_per_axis(clouds.shape[1], k * KNN_CELLS_PER_NEIGHBOUR), out)
+    cells = _cells_per_axis(clouds.shape[1], k * KNN_CELLS_PER_NEIGHBOUR)
+    _per_cloud(lambda b: _knn_one(clouds[b], queries[b], k, cells, out[b]), clouds.shape[0])
     return torch.from_numpy(out)
 
 
 if numba is not None:
-    def njit(fn=None, **options):
-        return numba.njit(fn, cache=True, nogil=True, **options) if fn else numba.njit(cache=True, nogil=True, **options)
+    def njit(fn):
+        return numba.njit(fn, cache=True, nogil=True)
 
     @njit
     def _grid(xyz, cells):
@@ -169,11 +191,6 @@ if numba is not None:
                                 child = right
                             tree_val[node], tree_arg[node] = tree_val[child], tree_arg[child]
 
-    @njit(parallel=True)
-    def _fps_batch(clouds, num_groups, cells, out):
-        for b in numba.prange(clouds.shape[0]):
-            _fps_one(clouds[b], num_groups, cells, out[b])
-
     @njit
     def _knn_one(xyz, queries, k, cells, out):
         lo, width, dims, order, start = _grid(xyz, cells)
@@ -225,8 +242,3 @@ if numba is not None:
                     break
                 r += 1
             out[g] = best_i
-
-    @njit(parallel=True)
-    def _knn_batch(clouds, queries, k, cells, out):
-        for b in numba.prange(clouds.shape[0]):
-            _knn_one(clouds[b], queries[b], k, cells, out[b])
