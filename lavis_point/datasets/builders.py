@@ -13,7 +13,7 @@ from lavis_point.datasets.point_caption import PointCaptionDataset, read_jsonl
 from lavis_point.paths import config_path
 
 
-def shard_datasets(folder, splits, vis_processors, text_processors, vocabularies=None):
+def shard_datasets(folder, splits, vis_processors, text_processors, vocabularies=None, prompt=None):
     """Datasets over a folder of shards: ``{split}.jsonl`` (one entry per cloud: id, where its row is,
     caption or captions) and either ``{split}_points.npy`` ((n, P, 6), memory-mapped) or the numbered
     shards scripts/convert_points.py writes (data_io/shards.py)."""
@@ -36,7 +36,7 @@ def shard_datasets(folder, splits, vis_processors, text_processors, vocabularies
             text_processors["train" if is_train else "eval"],
             is_train,
         )
-        dataset.vocabularies = vocabularies
+        dataset.vocabularies, dataset.prompt = vocabularies, prompt
         datasets[split] = dataset
     return datasets
 
@@ -53,7 +53,8 @@ class PointCaptionShardsBuilder(BaseDatasetBuilder):
         info = self.config.build_info
         folder = os.path.expandvars(os.path.expanduser(str(info.storage)))
         self.build_processors()
-        return shard_datasets(folder, list(info.splits), self.vis_processors, self.text_processors)
+        return shard_datasets(folder, list(info.splits), self.vis_processors, self.text_processors,
+                              prompt=self.config.get("prompt"))
 
 
 @registry.register_builder("shapes_point_caption")
@@ -77,4 +78,4 @@ class ShapesPointCaptionBuilder(BaseDatasetBuilder):
         self.build_processors()
         vocabularies = {"shape": list(shapes.SHAPES), "color": list(shapes.COLORS), "size": list(shapes.SIZES)}
         return shard_datasets(folder, list(params["sizes"]), self.vis_processors, self.text_processors,
-                              vocabularies)
+                              vocabularies, prompt=self.config.get("prompt"))

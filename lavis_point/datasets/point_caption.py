@@ -28,6 +28,9 @@ class PointCaptionDataset(Dataset):
     a builder whose annotations carry attributes) enables attribute accuracy."""
 
     vocabularies = None
+    # Set from the dataset config's ``prompt`` when captions are mixed with data that has a prompt per
+    # item (QA): LAVIS's ConcatDataset keeps only the keys every item has, so captions carry one too.
+    prompt = None
 
     def __init__(self, points, annotations, vis_processor, text_processor, is_train):
         self.points, self.annotations = points, annotations
@@ -44,8 +47,11 @@ class PointCaptionDataset(Dataset):
         captions = self.captions_of(ann)
         caption = captions[np.random.randint(len(captions))] if self.is_train else captions[0]
         cloud = np.asarray(self.cloud_of(ann), dtype=np.float32)
-        return {"point": self.vis_processor(cloud), "text_input": self.text_processor(caption),
+        item = {"point": self.vis_processor(cloud), "text_input": self.text_processor(caption),
                 "instance_id": ann["id"]}
+        if self.prompt is not None:
+            item["prompt"] = self.prompt
+        return item
 
     def cloud_of(self, ann):
         return self.points[ann["index"]] if isinstance(self.points, np.ndarray) else self.points[ann]
