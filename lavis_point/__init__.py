@@ -1,7 +1,13 @@
 """lavis-point: point-cloud/language models for LAVIS. Importing this package registers, in LAVIS's
 registry, the models ``point_bert``, ``point_qformer`` and ``point_opt``, the dataset builders, the
 processors ``point_train`` / ``point_eval``, the tasks and the ``runner_point`` runner."""
-import lavis  # noqa: F401  (LAVIS first: it sets up its registry and library root)
+import warnings
+
+with warnings.catch_warnings():
+    # LAVIS's imports (torch.jit.script, fairscale's cuda.amp decorators) warn of deprecations users
+    # cannot act on; every command would open with them.
+    warnings.simplefilter("ignore", FutureWarning)
+    import lavis  # noqa: F401  (LAVIS first: it sets up its registry and library root)
 import lavis.common.optims  # noqa: F401  (registers LAVIS's lr schedulers, as its train.py does)
 import lavis.runners  # noqa: F401  (registers runner_base / runner_iter)
 

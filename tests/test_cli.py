@@ -1,0 +1,283 @@
+"""The ``lavis-point`` command and the Python helpers behind it, on files written here (a cloud per
+format, a mesh per format) and small random models saved to temporary checkpoints: what is checked is
+the command's behaviour (output structure, error reports, the picture), not caption quality."""
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+import yaml
+from PIL import Image
+
+import lavis_point  # noqa: F401
+from lavis.common.registry import registry
+from lavis_point.cli import main
+from lavis_point.data_io import CloudReadError, read_cloud
+from lavis_point.inference import (
+    RUN_DIR_ENV,
+    MissingWeightsError,
+    default_checkpoint,
+    load_point_model,
+    load_points,
+    model_config,
+    point_text_scores,
+    resolve_checkpoint,
+)
+from tests import point_files as pf
+from tests.small_models import ENCODER, OPT, QFORMER
+
+NUM_POINTS = 128
+PREPROCESS = {"vis_processor": {"eval": {"name": "point_eval", "num_points": NUM_POINTS}}}
+MODELS = {
+    "point_opt": dict(point_encoder=ENCODER, qformer=QFORMER, num_query_token=4, opt_config=OPT,
+                      opt_tokenizer="asset:tiny_opt_tokenizer", prompt="a 3D point cloud of "),
+    "point_qformer": dict(point_encoder=ENCODER, qformer=QFORMER, num_query_token=4, embed_dim=16,
+                          qformer_init=None),
+}
+
+
+def write_model(folder, arch, seed):
+    """A small random ``arch`` model: (its YAML, a checkpoint of its weights in the runner's format)."""
+    cfg_path = str(folder / f"{arch}.yaml")
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump({"model": {"arch": arch, **MODELS[arch]}, "preprocess": PREPROCESS}, f)
+    torch.manual_seed(seed)
+    model = registry.get_model_class(arch).from_config(model_config(arch, cfg_path=cfg_path).model)
+    checkpoint = str(folder / f"{arch}.pth")
+    torch.save({"model": model.state_dict()}, checkpoint)
+    return cfg_path, checkpoint
+
+
+def write_inputs(folder):
+    """One file per cloud format and per mesh format."""
+    cloud = pf.coloured_cloud(600, seed=3)
+    np.save(folder / "cloud.npy", cloud)
+    np.savez(folder / "cloud.npz", points=cloud)
+    pf.write_pickle(folder / "cloud.pkl", cloud)
+    trimesh.PointCloud(cloud[:, :3], colors=(cloud[:, 3:] * 255).astype(np.uint8)).export(folder / "cloud.ply")
+    (folder / "cloud.pts").write_text("\n".join(" ".join(f"{v:.5f}" for v in row[:3]) for row in cloud))
+    (folder / "cloud.xyz").write_text("\n".join(" ".join(f"{v:.5f}" for v in row) for row in cloud))
+    (folder / "cloud.txt").write_text("\n".join(",".join(f"{v:.5f}" for v in row) for row in cloud))
+    pf.vertex_coloured_square(folder / "mesh.ply")
+    pf.material_coloured_square(folder / "mesh.obj")
+    pf.textured_square(folder / "mesh.glb")
+    pf.plain_mesh(folder / "mesh.off")
+    # (the .obj's material sits beside it in a .mtl, which is not an input)
+    return {name: str(folder / name) for name in sorted(os.listdir(folder)) if not name.endswith(".mtl")}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    inputs = folder / "inputs"
+    inputs.mkdir()
+    stage2 = write_model(folder, "point_opt", seed=0)
+    stage1 = write_model(folder, "point_qformer", seed=1)
+    return {"files": write_inputs(inputs), "stage2": ["--cfg", stage2[0], "--checkpoint", stage2[1]],
+            "stage1": ["--cfg", stage1[0], "--checkpoint", stage1[1]], "folder": folder}
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv] + ["--quiet"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv):
+    code, out, err = run(capsys, *argv, "--json")
+    return code, json.loads(out), err
+
+
+GENERATION = ["--num-beams", "2", "--max-length", "6", "--min-length", "2"]
+
+
+def test_caption_answers_every_cloud_and_mesh_format_in_text_and_json(setup, capsys):
+    files = list(setup["files"].values())
+    assert {os.path.splitext(f)[1] for f in files} == {".npy", ".npz", ".pkl", ".ply", ".pts", ".xyz", ".txt",
+                                                       ".obj", ".glb", ".off"}
+    code, out, err = run(capsys, "caption", *files, *setup["stage2"], *GENERATION)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == files
+    assert all(line.split(": ", 1)[1].strip() for line in lines)  # a non-empty caption each
+
+    code, report, _ = run_json(capsys, "caption", *files, *setup["stage2"], *GENERATION)
+    assert code == 0 and report["command"] == "caption"
+    assert report["model"] == {"arch": "point_opt", "model_type": "caption_tiny",
+                               "checkpoint": setup["stage2"][3]}
+    assert [r["file"] for r in report["results"]] == files
+    # the same deterministic beam search: text and JSON say the same thing
+    assert [f"{r['file']}: {r['caption']}" for r in report["results"]] == lines
+
+
+def test_ask_puts_the_question_to_each_cloud(setup, capsys):
+    files = [setup["files"]["cloud.npy"], setup["files"]["mesh.obj"]]
+    code, report, err = run_json(capsys, "ask", *files, "what colour is it?", *setup["stage2"], *GENERATION)
+    assert code == 0, err
+    assert [r["file"] for r in report["results"]] == files
+    for r in report["results"]:
+        assert r["question"] == "what colour is it?" and isinstance(r["answer"], str) and r["answer"]
+    code, out, _ = run(capsys, "ask", *files, "what colour is it?", *setup["stage2"], *GENERATION)
+    assert out.splitlines() == [f"{r['file']}: {r['answer']}" for r in report["results"]]
+
+
+def test_classify_gives_a_distribution_over_the_labels_from_a_list_or_a_file(setup, capsys):
+    files = [setup["files"]["cloud.pkl"], setup["files"]["mesh.glb"], setup["files"]["mesh.off"]]
+    labels = ["cube", "sphere", "red cone"]
+    code, report, err = run_json(capsys, "classify", *files, "--labels", ",".join(labels), *setup["stage1"])
+    assert code == 0, err
+    for r in report["results"]:
+        probs = r["probabilities"]
+        assert list(probs) == labels and abs(sum(probs.values()) - 1) < 1e-3
+        assert r["label"] == max(probs, key=probs.get)
+    label_file = setup["folder"] / "labels.txt"
+    label_file.write_text("# shapes\ncube\nsphere\n\nred cone\n")
+    _, from_file, _ = run_json(capsys, "classify", *files, "--labels-file", label_file, *setup["stage1"])
+    assert from_file["results"] == report["results"]
+    _, out, _ = run(capsys, "classify", *files, "--labels", ",".join(labels), "--top-k", "2", *setup["stage1"])
+    for line, r in zip(out.splitlines(), report["results"]):
+        assert line.startswith(f"{r['file']}: {r['label']} (") and line.count("(") == 2
+
+
+def test_similarity_is_the_models_point_text_cosine(setup, capsys):
+    files = [setup["files"]["cloud.xyz"], setup["files"]["mesh.ply"]]
+    code, report, err = run_json(capsys, "similarity", *files, "a red square", *setup["stage1"])
+    assert code == 0, err
+    model, processor = load_point_model("point_qformer", cfg_path=setup["stage1"][1], checkpoint=setup["stage1"][3])
+    points = torch.stack([load_points(f, processor) for f in files])
+    expected = point_text_scores(model, points, ["a red square"])[:, 0]
+    got = [r["similarity"] for r in report["results"]]
+    assert np.allclose(got, expected.numpy(), atol=1e-4) and all(-1 <= s <= 1 for s in got)
+    assert all(r["text"] == "a red square" for r in report["results"])
+    _, out, _ = run(capsys, "similarity", *files, "a red square", *setup["stage1"])
+    assert out.splitlines() == [f"{f}: {s:.4f}" for f, s in zip(files, got)]
+
+
+def test_render_writes_a_png_of_the_requested_size_showing_the_cloud_in_its_colours(setup, capsys, tmp_path):
+    red = tmp_path / "red.npy"
+    cloud = pf.coloured_cloud(500)
+    cloud[:, 3:] = [1, 0, 0]
+    np.save(red, cloud)
+    png = tmp_path / "out.png"
+    code, report, err = run_json(capsys, "caption", red, *setup["stage2"], *GENERATION, "--render", png,
+                                 "--render-size", "800x400")
+    assert code == 0, err
+    assert report["render"] == str(png)
+    image = Image.open(png)
+    assert image.format == "PNG" and image.size == (800, 400)
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    red_pixels = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
+    assert red_pixels.sum() > 100  # the cloud is drawn, in its colour
+
+    png2 = tmp_path / "two.png"
+    files = [setup["files"]["cloud.npy"], setup["files"]["mesh.obj"]]
+    code, _, _ = run(capsys, "classify", *files, "--labels", "a,b", *setup["stage1"], "--render", png2,
+                     "--render-size", "600x700")
+    assert code == 0 and Image.open(png2).size == (600, 700)
+
+
+def test_a_bad_file_is_reported_by_name_and_the_others_still_answer(setup, capsys, tmp_path):
+    nan = np.full((200, 6), 0.5, np.float32)
+    nan[7, 0] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "few.npy", pf.coloured_cloud(3))
+    (tmp_path / "empty.obj").write_text("# no geometry\n")
+    (tmp_path / "cloud.las").write_bytes(b"LASF")
+    bad = {str(tmp_path / "nan.npy"): "NaN", str(tmp_path / "few.npy"): "only 3 points",
+           str(tmp_path / "empty.obj"): "no triangles or points", str(tmp_path / "cloud.las"): "unknown extension",
+           str(tmp_path / "absent.ply"): "no such file"}
+    good = [setup["files"]["cloud.npy"], setup["files"]["mesh.off"]]
+    files = [good[0], *bad, good[1]]
+    code, report, err = run_json(capsys, "caption", *files, *setup["stage2"], *GENERATION, "--batch-size", "2")
+    assert code == 1
+    assert [r["file"] for r in report["results"]] == files
+    for r in report["results"]:
+        if r["file"] in bad:
+            assert bad[r["file"]] in r["error"] and "caption" not in r
+            assert f"{r['file']}: " in err and bad[r["file"]] in err
+        else:
+            assert r["caption"]
+    code, out, _ = run(capsys, "caption", *files, *setup["stage2"], *GENERATION)
+    assert code == 1 and [line.split(": ")[0] for line in out.splitlines()] == good
+
+
+def test_without_a_trained_checkpoint_the_error_says_where_it_looked_and_what_to_do(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "runs"))
+    code, out, err = run(capsys, "caption", tmp_path / "x.npy")
+    expected = os.path.join(str(tmp_path / "runs"), "stage2", "checkpoint_last.pth")
+    assert code == 2 and out == ""
+    assert expected in err and "run_embedded_default.py" in err and "--checkpoint" in err
+    code, _, err = run(capsys, "caption", tmp_path / "x.npy", "--checkpoint", tmp_path / "nope.pth")
+    assert code == 2 and "nope.pth: checkpoint file not found" in err
+    code, _, err = run(capsys, "caption", tmp_path / "x.npy", "--model-type", "caption_opt2.7b")
+    assert code == 2 and "no weights for point_opt caption_opt2.7b" in err
+
+
+def test_the_default_checkpoint_is_the_main_jobs_under_the_run_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    assert default_checkpoint("point_opt") == os.path.join("output", "embedded", "stage2", "checkpoint_last.pth")
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
+    for arch, stage in (("point_opt", "stage2"), ("point_qformer", "stage1")):
+        path = tmp_path / stage / "checkpoint_last.pth"
+        cfg = model_config(arch)
+        with pytest.raises(MissingWeightsError, match=stage):
+            resolve_checkpoint(cfg)
+        path.parent.mkdir()
+        path.write_bytes(b"")
+        assert resolve_checkpoint(cfg) == str(path)
+        # a config that names its own weights is not redirected to the default
+        assert resolve_checkpoint(model_config(arch, options=["model.finetuned=mine.pth"])) is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["classify", "x.npy", "--labels", "cube"], "at least two labels"),
+    (["classify", "x.npy", "--labels", "cube,cube"], "repeated"),
+    (["classify", "x.npy", "--labels", "a,b", "--template", "no slot"], "exactly one {}"),
+    (["caption", "x.npy", "--render", "o.png", "--render-size", "big"], "WIDTHxHEIGHT"),
+    (["ask", "x.npy", "why?", "--prompt-template", "Q A"], "exactly one {}"),
+    (["caption", "x.npy", "--model-type", "pretrain"], "unknown model type 'pretrain' for point_opt"),
+])
+def test_bad_options_stop_before_any_model_is_built(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and message in err
+
+
+def test_a_config_for_the_other_stage_is_refused(setup, capsys):
+    code, _, err = run(capsys, "caption", setup["files"]["cloud.npy"], *setup["stage1"])
+    assert code == 2 and "model.arch is 'point_qformer'; this needs a point_opt model" in err
+
+
+def test_load_points_reads_every_format_into_the_processors_tensor(setup):
+    _, processor = load_point_model("point_opt", cfg_path=setup["stage2"][1], checkpoint=setup["stage2"][3])
+    for name, path in setup["files"].items():
+        points = load_points(path, processor)
+        assert points.shape == (NUM_POINTS, 6) and points.dtype == torch.float32, name
+        assert torch.equal(points, processor(read_cloud(path, white_if_missing=True))), name
+    with pytest.raises(CloudReadError, match="cloud.npy: only 600 points; the model needs at least 1000"):
+        load_points(setup["files"]["cloud.npy"], processor, min_points=1000)
+
+
+def test_python_generate_matches_the_command_line(setup, capsys):
+    path = setup["files"]["mesh.glb"]
+    model, processor = load_point_model("point_opt", cfg_path=setup["stage2"][1], checkpoint=setup["stage2"][3])
+    caption = model.generate({"point": load_points(path, processor).unsqueeze(0)}, num_beams=2, max_length=6,
+                             min_length=2)
+    _, report, _ = run_json(capsys, "caption", path, *setup["stage2"], *GENERATION)
+    assert report["results"][0]["caption"] == caption[0]
+
+
+def test_the_console_script_runs_as_a_program(setup, tmp_path):
+    (entry,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "lavis-point"]
+    assert entry.load() is main
+    out = subprocess.run([sys.executable, "-m", "lavis_point.cli", "similarity", setup["files"]["cloud.npz"],
+                          str(tmp_path / "gone.npy"), "a cube", *setup["stage1"], "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr
+    results = json.loads(out.stdout)["results"]
+    assert "similarity" in results[0] and results[1]["error"] == "no such file"
+    assert "gone.npy: no such file" in out.stderr
