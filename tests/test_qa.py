@@ -146,3 +146,4 @@ def test_qa_through_evaluate_in_one_process_and_under_torchrun(runs):
         assert metrics["num_questions_color"] == metrics["num_questions_shape"] == SIZES["test"]
         assert 0.0 <= metrics["vqa_accuracy"] <= 1.0
     assert two["exact_match"] == pytest.approx(one["exact_match"], abs=0.05)
+

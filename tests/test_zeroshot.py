@@ -16,7 +16,7 @@ from lavis_point.datasets import shapes
 from lavis_point.models.point_qformer import PointQFormer
 from lavis_point.tasks.ranking_metrics import mean_per_class_accuracy, topk_accuracy
 from lavis_point.tasks.zeroshot import PointZeroShotClassificationTask, class_text_features
-from tests.understanding_runs import SIZES, evaluate
+from tests.understanding_runs import SIZES, evaluate, run_evaluate
 
 
 def builder_config(name, config_type="default", **build_info):
@@ -167,3 +167,15 @@ def test_zeroshot_through_evaluate_in_one_process_and_under_torchrun(runs):
         assert metrics["num_samples"] == SIZES["test"] and metrics["num_classes"] == 8
         assert 0.0 <= metrics["top1_accuracy"] <= metrics["top5_accuracy"] <= 1.0
     assert two["top1_accuracy"] == pytest.approx(one["top1_accuracy"], abs=0.07)
+
+
+def test_the_modelnet40_project_yaml_runs_on_h5_files(tmp_path):
+    """projects/modelnet40/zeroshot_eval.yaml as shipped, with the tiny model and a tiny h5 set."""
+    (tmp_path / "shape_names.txt").write_text("airplane\nbathtub\n")
+    write_h5(tmp_path / "ply_data_test0.h5", np.random.rand(3, 64, 3).astype(np.float32), np.array([[0], [1], [1]]))
+    metrics = run_evaluate("projects/modelnet40/zeroshot_eval.yaml", str(tmp_path / "out"), "mn40",
+                           f"datasets.modelnet40.build_info.storage={tmp_path}", "model.model_type=pretrain_tiny",
+                           "model.point_encoder.model_type=tiny", "model.finetuned=null", "run.device=cpu",
+                           "model.qformer.num_layers=2", "model.num_query_token=4",
+                           "datasets.modelnet40.vis_processor.eval.num_points=1024")
+    assert metrics["num_samples"] == 3 and metrics["num_classes"] == 2

@@ -16,9 +16,14 @@ def data_options(builder):
 
 
 def evaluate(cfg, out, job, builder, *extra, nproc=1):
+    """The test split's metrics of ``evaluate.py`` on ``cfg`` with the embedded set shortened."""
+    return run_evaluate(cfg, out, job, *data_options(builder), *extra, nproc=nproc)
+
+
+def run_evaluate(cfg, out, job, *options, nproc=1):
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     args = [sys.executable, *launcher, "evaluate.py", "--cfg-path", cfg, "--options", f"run.output_dir={out}",
-            f"run.job_id={job}", "run.batch_size_eval=4", *data_options(builder), *extra]
+            f"run.job_id={job}", "run.batch_size_eval=4", "run.num_workers=0", *options]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
