@@ -2,7 +2,7 @@
 into the tensor that processor makes, and the four questions the command line asks.
 
     model, processor = load_point_model("point_opt")            # the embedded default, trained
-    points = load_points("chair.ply", processor).unsqueeze(0)   # (1, num_points, 6)
+    points = load_points("cube.ply", processor).unsqueeze(0)   # (1, num_points, 6)
     model.generate({"point": points})                           # ['a large red cube']
 
 Weights: ``checkpoint=PATH``, else the config's ``finetuned`` / ``pretrained``, else (for the

@@ -281,3 +281,31 @@ def test_the_console_script_runs_as_a_program(setup, tmp_path):
     results = json.loads(out.stdout)["results"]
     assert "similarity" in results[0] and results[1]["error"] == "no such file"
     assert "gone.npy: no such file" in out.stderr
+
+
+def test_the_readme_python_path_and_the_default_lookup_agree(setup, capsys, tmp_path, monkeypatch):
+    from lavis.models import load_model_and_preprocess
+
+    torch.manual_seed(0)
+    trained, _, _ = load_model_and_preprocess("point_opt", "caption_tiny", is_eval=True)
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
+    (tmp_path / "stage2").mkdir()
+    torch.save({"model": trained.state_dict()}, default_checkpoint("point_opt"))
+
+    model, vis_processors, _ = load_model_and_preprocess("point_opt", "caption_tiny", is_eval=True)
+    model.load_checkpoint(default_checkpoint("point_opt"))
+    path = setup["files"]["cloud.ply"]
+    points = load_points(path, vis_processors["eval"]).unsqueeze(0)  # (1, 1024, 6)
+    assert points.shape == (1, 1024, 6)
+    captions = model.generate({"point": points}, num_beams=2, max_length=6, min_length=2)
+    _, report, err = run_json(capsys, "caption", path, *GENERATION)  # no --cfg, no --checkpoint
+    assert report["model"]["checkpoint"] == default_checkpoint("point_opt"), err
+    assert [r["caption"] for r in report["results"]] == captions
+
+
+def test_many_files_show_a_progress_bar_on_a_terminal(setup, capsys, monkeypatch):
+    files = list(setup["files"].values())[:3]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code = main(["similarity", *files, "a cube", *setup["stage1"], "--batch-size", "1"])
+    err = capsys.readouterr().err
+    assert code == 0 and "3/3" in err and "file" in err
