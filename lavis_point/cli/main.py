@@ -167,21 +167,20 @@ def run(args) -> int:
 
 def _command(args):
     """The model call for this subcommand: (model, points (B, N, 6)) -> one dict per cloud."""
-    if args.command in ("caption", "ask"):
-        generation = dict(num_beams=args.num_beams, max_length=args.max_length, min_length=args.min_length)
     if args.command == "caption":
-        return lambda model, points: [{"caption": c} for c in model.generate({"point": points}, **generation)]
+        return lambda model, points: [
+            {"caption": c} for c in model.generate({"point": points}, num_beams=args.num_beams,
+                                                   max_length=args.max_length, min_length=args.min_length)]
     if args.command == "ask":
         if args.prompt_template.count("{}") != 1:
             raise UsageError(f"--prompt-template needs exactly one {{}} for the question, got {args.prompt_template!r}")
         return lambda model, points: [
             {"question": args.question, "answer": a}
             for a in answer_questions(model, points, [args.question] * len(points), prompt=args.prompt_template,
-                                      num_beams=generation["num_beams"], max_len=generation["max_length"],
-                                      min_len=generation["min_length"])]
+                                      num_beams=args.num_beams, max_len=args.max_length, min_len=args.min_length)]
     if args.command == "similarity":
-        return lambda model, points: [
-            {"text": args.text, "similarity": round(float(s), 4)} for s in point_text_scores(model, points, [args.text])[:, 0]]
+        return lambda model, points: [{"text": args.text, "similarity": round(float(s), 4)}
+                                      for s in point_text_scores(model, points, [args.text])[:, 0]]
     labels = _labels(args)
     templates = args.templates or list(DEFAULT_TEMPLATES)
     bad = [t for t in templates if t.count("{}") != 1]
@@ -190,8 +189,8 @@ def _command(args):
 
     def classify(model, points):
         probabilities = classify_points(model, points, labels, templates)  # (B, C)
-        return [{"label": labels[int(p.argmax())], "probabilities": {l: round(float(v), 4) for l, v in zip(labels, p)}}
-                for p in probabilities]
+        return [{"label": labels[int(p.argmax())],
+                 "probabilities": {label: round(float(v), 4) for label, v in zip(labels, p)}} for p in probabilities]
     return classify
 
 
