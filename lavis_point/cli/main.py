@@ -43,6 +43,13 @@ class UsageError(Exception):
     """Nothing can run: bad options, no weights. Exit status 2."""
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="lavis-point", description="Caption, question, classify and compare point clouds and meshes "
@@ -68,7 +75,7 @@ def build_parser():
     classify.add_argument("--template", action="append", dest="templates", metavar="TEMPLATE",
                           help="a prompt for each label, {} = the label; repeat for several "
                           f"(default: {', '.join(repr(t) for t in DEFAULT_TEMPLATES)})")
-    classify.add_argument("--top-k", type=int, default=3, help="labels shown per file in text output")
+    classify.add_argument("--top-k", type=positive_int, default=3, help="labels shown per file in text output")
 
     similarity = commands.add_parser("similarity", help="cosine similarity of each cloud to a text (stage 1)")
     similarity.add_argument("files", nargs="+", metavar="FILE")
@@ -81,8 +88,8 @@ def build_parser():
 
 def _add_generation(parser, max_length):
     group = parser.add_argument_group("generation")
-    group.add_argument("--num-beams", type=int, default=5)
-    group.add_argument("--max-length", type=int, default=max_length, help="most generated tokens")
+    group.add_argument("--num-beams", type=positive_int, default=5)
+    group.add_argument("--max-length", type=positive_int, default=max_length, help="most generated tokens")
     group.add_argument("--min-length", type=int, default=1, help="fewest generated tokens")
 
 
@@ -96,9 +103,9 @@ def _add_common(parser):
                        help="config overrides, e.g. model.prompt='a 3D point cloud of '")
     model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     io = parser.add_argument_group("input and output")
-    io.add_argument("--mesh-points", type=int, default=8192, help="points sampled from each mesh")
+    io.add_argument("--mesh-points", type=positive_int, default=8192, help="points sampled from each mesh")
     io.add_argument("--min-points", type=int, help="fewer points is an error (default: the encoder's group count)")
-    io.add_argument("--batch-size", type=int, default=8)
+    io.add_argument("--batch-size", type=positive_int, default=8)
     io.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     io.add_argument("--render", metavar="PNG", help="draw each cloud from three viewpoints, titled with its answer")
     io.add_argument("--render-size", default=None, metavar="WxH", help="pixels (default: 900 x 320 per cloud)")
