@@ -34,7 +34,7 @@ class PointZeroShotClassificationTask(PointBaseTask):
         if bad:
             raise ValueError(f"run.prompt_templates: each template needs exactly one '{{}}' for the class name: {bad}")
         self.templates, self.top_k = list(templates), top_k
-        self.classnames, self.class_feats = None, None
+        self.classnames, self.class_feats, self.num_skipped = None, None, 0
 
     @classmethod
     def setup_task(cls, cfg):
@@ -43,6 +43,7 @@ class PointZeroShotClassificationTask(PointBaseTask):
 
     def before_evaluation(self, model, dataset, **kwargs):
         self.classnames = list(dataset.classnames)
+        self.num_skipped = getattr(dataset, "num_skipped", 0)  # objects the builder had no cloud for
         with torch.no_grad():
             self.class_feats = class_text_features(model, self.classnames, self.templates)
 
@@ -68,6 +69,7 @@ class PointZeroShotClassificationTask(PointBaseTask):
             "chance_top1_accuracy": 1.0 / len(self.classnames),
             "num_classes": len(self.classnames),
             "num_samples": len(results),
+            "num_skipped": self.num_skipped,
         }
         metrics["agg_metrics"] = metrics["top1_accuracy"]
         logging.info("%s zero-shot classification: %s", split_name, json.dumps(metrics))
