@@ -10,7 +10,6 @@ Clouds come either from shards made by scripts/convert_points.py (fast: contiguo
 straight from a folder of per-object files (.pkl .npy .npz .ply ...; read with ``read_cloud``).
 """
 import csv
-import json
 import logging
 import os
 
@@ -19,7 +18,7 @@ from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
 from lavis_point.data_io.clouds import CLOUD_EXTS, read_cloud
 from lavis_point.datasets.builders import shard_datasets
-from lavis_point.datasets.point_caption import PointCaptionDataset, read_jsonl
+from lavis_point.datasets.point_caption import PointCaptionDataset, read_json, read_jsonl
 from lavis_point.paths import config_path
 
 
@@ -31,8 +30,7 @@ def read_annotations(path) -> list:
     elif ext == ".jsonl":
         rows = read_jsonl(path)
     elif ext == ".json":
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
+        rows = read_json(path)
         if isinstance(rows, dict) and isinstance(rows.get("annotations"), list):
             rows = rows["annotations"]
         if not isinstance(rows, list):
@@ -63,8 +61,11 @@ def _entry(row, where):
 
 
 def _read_csv(path):
-    with open(path, encoding="utf-8", newline="") as f:
-        table = [row for row in csv.reader(f) if row]
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            table = [row for row in csv.reader(f) if row]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if table and [c.strip().lower() for c in table[0][:2]] in (["uid", "caption"], ["id", "caption"]):
         table = table[1:]
     for number, row in enumerate(table, 1):

@@ -1,23 +1,55 @@
 """Map-style point-text datasets over clouds and their annotations. ``points`` is an (n, P, 6) array
 (a memory-mapped shard; entries' ``index`` picks the row) or a reader looked up by the whole entry
-(``ShardedClouds`` over many shards, ``CloudFiles`` over one file per cloud)."""
+(``ShardedClouds`` over many shards, ``CloudFiles`` over one file per cloud).
+
+A bad sample (unreadable cloud, no usable caption) is skipped and counted, never a crash mid-epoch:
+see bad_samples.py."""
 import json
 
 import numpy as np
 from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
+
+from lavis_point.datasets.bad_samples import collate_counting_skips, load_or_skip
 
 
 def read_jsonl(path):
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{line_no}: malformed JSON line: {e}") from e
     return rows
+
+
+def read_json(path):
+    """A whole JSON file; errors name the file and where it breaks."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON: {e}") from None
+
+
+def usable(caption) -> bool:
+    """Text a tokenizer can take: a string that is valid Unicode (byte-level BPE encodes UTF-8, which
+    refuses lone surrogates) and not empty once processed (checked by the caller)."""
+    if not isinstance(caption, str):
+        return False
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class PointCaptionDataset(Dataset):
@@ -43,25 +75,40 @@ class PointCaptionDataset(Dataset):
         return ann.get("captions") or [ann["caption"]]
 
     def __getitem__(self, i):
+        return load_or_skip(self.load, i, len(self), self.is_train, self.describe)
+
+    def load(self, i):
         ann = self.annotations[i]
-        captions = self.captions_of(ann)
+        captions = [c for c in map(self.processed, self.captions_of(ann)) if c]
+        if not captions:
+            raise ValueError(f"no usable caption (empty, whitespace only, not text or not valid Unicode): "
+                             f"{self.captions_of(ann)!r:.200}")
         caption = captions[np.random.randint(len(captions))] if self.is_train else captions[0]
         cloud = np.asarray(self.cloud_of(ann), dtype=np.float32)
-        item = {"point": self.vis_processor(cloud), "text_input": self.text_processor(caption),
-                "instance_id": ann["id"]}
+        item = {"point": self.vis_processor(cloud), "text_input": caption, "instance_id": ann["id"]}
         if self.prompt is not None:
             item["prompt"] = self.prompt
         return item
+
+    def processed(self, caption):
+        """The processed caption, or "" when there is no usable text."""
+        return self.text_processor(caption).strip() if usable(caption) else ""
+
+    def describe(self, i):
+        """Where item i comes from, for messages: its id and its file or shard row."""
+        ann = self.annotations[i] if 0 <= i < len(self.annotations) else {}
+        where = ann.get("path") or (f"{ann['shard']}[{ann.get('index')}]" if "shard" in ann else None)
+        return f"item {i} (id {ann.get('id')!r}" + (f", {where})" if where else ")")
 
     def cloud_of(self, ann):
         return self.points[ann["index"]] if isinstance(self.points, np.ndarray) else self.points[ann]
 
     def collater(self, samples):
-        return default_collate(samples)
+        return collate_counting_skips(samples)
 
     @property
     def references(self):
-        return {ann["id"]: [self.text_processor(c) for c in self.captions_of(ann)] for ann in self.annotations}
+        return {ann["id"]: [c for c in map(self.processed, self.captions_of(ann)) if c] for ann in self.annotations}
 
     @property
     def attributes(self):

@@ -12,15 +12,33 @@ def world():
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums the gathered gradient over ranks (all_reduce: gloo and nccl
+    both have it) and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rank, size = world()
+        return grad.chunk(size, dim=0)[rank]
+
+
 def gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0; this rank's slice keeps its gradient."""
-    rank, size = world()
+    """Concatenate ``x`` from every rank along dim 0, differentiably: each rank's loss sends gradient
+    back to every rank's features, so DDP's averaged gradient equals the one-process gradient of the
+    whole batch (keeping only this rank's slice differentiable would drop the other ranks' terms).
+    Every rank must pass the same shape."""
+    _, size = world()
     if size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank] = x
-    return torch.cat(parts, dim=0)
+    return _GatherWithGrad.apply(x.contiguous())
 
 
 def contrastive_similarities(point_feats, text_feat, temp):

@@ -47,7 +47,7 @@ class PointProcessor(BaseProcessor):
 
     def __call__(self, array) -> torch.Tensor:
         cloud = as_cloud(array)
-        rng = np.random.default_rng(self.seed) if self.augments or self.seed is not None else None
+        rng = self._rng()
         cloud = resample(cloud, self.num_points, rng)
         xyz = normalize_unit_sphere(cloud[:, :3]) if self.normalize else cloud[:, :3]
         if rng is not None:
@@ -59,6 +59,14 @@ class PointProcessor(BaseProcessor):
             drop = rng.random(len(out)) < rng.uniform(0, self.dropout)
             out = np.where(drop[:, None], out[:1], out)
         return torch.from_numpy(out.astype(np.float32))
+
+    def _rng(self):
+        """None (deterministic), a generator from ``seed``, or, to augment without a seed, one seeded
+        from numpy's global generator: the run seeds it (DataLoader seeds it per worker) and a resume
+        restores it, so a seeded run augments the same way every time."""
+        if self.seed is not None:
+            return np.random.default_rng(self.seed)
+        return np.random.default_rng(np.random.randint(2 ** 31)) if self.augments else None
 
     def _augment(self, xyz, rng):
         if self.rotate:

@@ -5,7 +5,11 @@ Why each override (LAVIS 1.0.2, measured on CPU):
 - ``model``: RunnerBase builds DDP with ``device_ids=[gpu]``; on CPU DDP must get none.
 - ``create_loaders``: RunnerBase wraps loaders in ``PrefetchLoader``, which makes a CUDA stream.
 - ``train``: RunnerBase calls ``dist.barrier()`` unguarded each epoch (fails in one process), and
-  saves only after validation or per epoch; ours also saves ``checkpoint_last.pth`` every epoch for resume.
+  saves only after validation or per epoch; ours also saves ``checkpoint_last.pth`` every epoch for resume,
+  with every rank's random state (rng_state.py), so a resumed run continues exactly where the
+  uninterrupted one would be (same batches, augmentation, negatives; tests/test_kill_resume.py).
+- ``create_loaders``: a resumed run's first epoch is ``start_epoch``; LAVIS's IterLoader counts from 0,
+  so a DistributedSampler would replay epoch 0's order.
 - checkpoints: written atomically, without frozen parts, read with ``weights_only=True``, and
   loaded under the contract of ``lavis_point.models.checkpoint`` (frozen parts may be absent).
 - ``setup_output_dir``: ``register_path`` refuses to overwrite, so a second run in one process failed.
@@ -32,6 +36,7 @@ from lavis_point.models.checkpoint import (
     state_dict_of,
     trainable_state_dict,
 )
+from lavis_point.runners import rng_state
 
 
 def barrier():
@@ -70,6 +75,7 @@ class RunnerPoint(RunnerBase):
             if self.use_distributed and (is_train or self.use_dist_eval_sampler):
                 sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=get_world_size(), rank=get_rank(),
                                              seed=int(self.config.run_cfg.get("seed", 0)))
+                sampler.set_epoch(self.start_epoch)
             loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                 pin_memory=self.device.type == "cuda", sampler=sampler,
                                 shuffle=sampler is None and is_train, collate_fn=collate_fn, drop_last=is_train)
@@ -77,6 +83,7 @@ class RunnerPoint(RunnerBase):
                 loader = PrefetchLoader(loader)
             if is_train:
                 loader = IterLoader(loader, use_distributed=self.use_distributed)
+                loader._epoch = self.start_epoch  # it calls sampler.set_epoch(_epoch + 1) on the next pass
             loaders.append(loader)
         return loaders
 
@@ -91,7 +98,7 @@ class RunnerPoint(RunnerBase):
             if not self.evaluate_only:
                 logging.info("Start training")
                 self.log_stats(split_name="train", stats=self.train_epoch(cur_epoch))
-                self._save_checkpoint(cur_epoch, name="last")
+                self._save_checkpoint(cur_epoch, name="last", rng=rng_state.capture_all_ranks())
             for split_name in self.valid_splits:
                 logging.info("Evaluating on %s.", split_name)
                 val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
@@ -108,7 +115,8 @@ class RunnerPoint(RunnerBase):
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
         logging.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
 
-    def _save_checkpoint(self, cur_epoch, is_best=False, name=None):
+    def _save_checkpoint(self, cur_epoch, is_best=False, name=None, rng=None):
+        """``rng``: every rank's random state (``checkpoint_last`` only: resume continues from it)."""
         if not is_main_process():
             return
         name = name or ("best" if is_best else str(cur_epoch))
@@ -119,6 +127,8 @@ class RunnerPoint(RunnerBase):
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": cur_epoch,
         }
+        if rng is not None:
+            save_obj["rng"] = rng
         path = os.path.join(self.output_dir, f"checkpoint_{name}.pth")
         logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, path)
         save_checkpoint_atomic(save_obj, path)
@@ -137,4 +147,16 @@ class RunnerPoint(RunnerBase):
         if self.scaler and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.start_epoch = checkpoint["epoch"] + 1
+        self._restore_rng(checkpoint.get("rng"), url_or_filename)
         logging.info("Resume checkpoint from %s", url_or_filename)
+
+    @staticmethod
+    def _restore_rng(states, path):
+        if not states:
+            logging.warning("%s: no random state saved: the resumed run's data order and augmentation "
+                            "start from the seed, not where the interrupted run stopped", path)
+        elif len(states) != get_world_size():
+            logging.warning("%s: random state of %d processes, resuming with %d: random streams start "
+                            "from the seed", path, len(states), get_world_size())
+        else:
+            rng_state.restore(states[get_rank()])

@@ -4,6 +4,10 @@ LAVIS 1.0.2's training loop assumes CUDA: its metric logger all-reduces on a "cu
 wraps steps in ``torch.cuda.amp.autocast``; its ``evaluation`` moves batches to CUDA unless told
 otherwise. Our loop is the same loop (lr schedule per step, gradient accumulation, AMP with a scaler)
 written for any device; on a GPU it behaves as LAVIS's does.
+
+Batches carry ``"skipped"``: the bad samples met while loading them (datasets/bad_samples.py). Both
+loops pop it, count, and log the total over all ranks at the end of the epoch; the train stats
+(``log.txt``) carry it as ``skipped_samples``.
 """
 import logging
 
@@ -29,11 +33,35 @@ def synchronize_meters(metric_logger, device):
         meter.count, meter.total = int(t[0].item()), t[1].item()
 
 
+def report_skipped(failures, device, when):
+    """Log how many samples were skipped over all ranks (and this rank's first reasons); returns the total."""
+    total = len(failures)
+    if is_dist_avail_and_initialized():
+        t = torch.tensor([total], dtype=torch.int64, device=device)
+        dist.all_reduce(t)
+        total = int(t.item())
+    if total:
+        logging.warning("%s: skipped %d bad samples over all ranks (each logged when met); first here: %s",
+                        when, total, failures[:5])
+    return total
+
+
 class PointBaseTask(BaseTask):
     def evaluation(self, model, data_loader, cuda_enabled=None):
-        if cuda_enabled is None:
-            cuda_enabled = model_device(model).type == "cuda"
-        return super().evaluation(model, data_loader, cuda_enabled=cuda_enabled)
+        """LAVIS's loop on any device; bad samples are dropped, counted and reported."""
+        device = model_device(model)
+        metric_logger = MetricLogger(delimiter="  ")
+        results, failures = [], []
+        for samples in metric_logger.log_every(data_loader, 10, "Evaluation"):
+            failures.extend(samples.pop("skipped", ()))
+            if not samples:  # every item of this batch was bad
+                continue
+            samples = prepare_sample(samples, cuda_enabled=device.type == "cuda")
+            results.extend(self.valid_step(model=model, samples=samples))
+        report_skipped(failures, device, "evaluation")
+        if is_dist_avail_and_initialized():
+            dist.barrier()
+        return results
 
     def _train_inner_loop(self, epoch, iters_per_epoch, model, data_loader, optimizer, lr_scheduler,
                           scaler=None, start_iters=None, log_freq=50, cuda_enabled=False, accum_grad_iters=1):
@@ -41,11 +69,14 @@ class PointBaseTask(BaseTask):
         data_iter = data_loader if hasattr(data_loader, "__next__") else iter(data_loader)
         metric_logger = MetricLogger(delimiter="  ")
         metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
-        metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.4f}"))
+        metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.6f}"))
         inner_epoch = epoch if start_iters is None else start_iters // iters_per_epoch
         header = f"Train: data epoch: [{epoch}]"
+        failures = []
         for i in metric_logger.log_every(range(iters_per_epoch), log_freq, header):
-            samples = prepare_sample(next(data_iter), cuda_enabled=device.type == "cuda")
+            samples = next(data_iter)
+            failures.extend(samples.pop("skipped", ()))
+            samples = prepare_sample(samples, cuda_enabled=device.type == "cuda")
             samples.update({"epoch": inner_epoch, "num_iters_per_epoch": iters_per_epoch, "iters": i})
             lr_scheduler.step(cur_epoch=inner_epoch, cur_step=i)
             with torch.autocast(device_type=device.type, enabled=scaler is not None):
@@ -63,4 +94,6 @@ class PointBaseTask(BaseTask):
             metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         synchronize_meters(metric_logger, device)
         logging.info("Averaged stats: " + str(metric_logger.global_avg()))
-        return {k: "{:.4f}".format(meter.global_avg) for k, meter in metric_logger.meters.items()}
+        stats = {k: "{:.4f}".format(meter.global_avg) for k, meter in metric_logger.meters.items()}
+        stats["skipped_samples"] = report_skipped(failures, device, f"train epoch {epoch}")
+        return stats
