@@ -1,0 +1,141 @@
+"""Distributed parity: one stage-1 step with 2 gloo processes x batch B gives the loss and gradients of
+1 process x batch 2B (same seed, same data order). DDP on CPU, as torchrun runs it.
+
+What makes that true, and what the test pins down honestly:
+- ITC gathers features from every rank differentiably (``losses.gather``): each rank's loss sends
+  gradient to every rank's features, so DDP's averaged gradient is the one-process gradient.
+- ITM draws one hard negative per row from the process's own batch (point tokens never cross
+  processes). The two set-ups draw from different candidate sets, so no seed makes their draws agree;
+  both runs here take a fixed choice instead (the next item of the same B-sized group), so everything
+  else in ITM is compared.
+- ITG averages over caption tokens within each process and DDP averages the processes' means; that
+  is the one-process token mean when both halves hold as many tokens, as these captions do (with
+  uneven lengths the two weigh tokens slightly differently, as any token-mean loss under DDP).
+- BatchNorm in the encoder's mini-PointNet normalises with each process's own batch (DDP's default;
+  torch's SyncBatchNorm runs on GPUs only). So: with BatchNorm in eval mode, 2 x B equals 1 x 2B;
+  in train mode, 2 x B equals one process that encodes each half on its own, and differs from plain
+  1 x 2B: per-process statistics are the only difference.
+"""
+import multiprocessing
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from lavis_point.models import point_qformer
+from tests.small_models import small_stage1
+
+B = 4
+CAPTIONS = ["a red cube", "a blue sphere", "a green cone", "a small ring",
+            "a large helix", "a white cross", "a tiny pyramid", "a black cylinder"]
+CASES = ("batchnorm_eval", "batchnorm_train")
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(2 * B, 256, 6, generator=g) * 2 - 1, CAPTIONS
+
+
+def next_in_group(sim, same):
+    """Row j's negative: the next item of its B-sized group (the same pairs in both set-ups)."""
+    j = torch.arange(sim.shape[0])
+    return (j // B) * B + (j % B + 1) % B
+
+
+def model_for(case):
+    torch.manual_seed(0)
+    model = small_stage1().train()
+    if case == "batchnorm_eval":
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.eval()
+    return model
+
+
+def one_step(model, points, captions):
+    out = model({"point": points, "text_input": captions})
+    out["loss"].backward()
+    return {k: v.item() for k, v in out.items()}
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def rank_main(rank, init_file, out):
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+        points, captions = batch()
+        mine = slice(rank * B, (rank + 1) * B)
+        result = {}
+        for case in CASES:
+            model = model_for(case)
+            losses = one_step(DistributedDataParallel(model), points[mine], captions[mine])
+            result[case] = {"losses": losses, "grads": grads(model)}
+        torch.save(result, out)
+        dist.destroy_process_group()
+    except BaseException:
+        open(f"{out}.error", "w").write(traceback.format_exc())
+        raise
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parity")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(point_qformer, "sample_hard_negatives", next_in_group)  # forked ranks inherit it
+    # fork: the ranks start with everything imported (seconds, not a minute of imports each)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=rank_main, args=(r, tmp / "init", tmp / f"rank{r}.pt")) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    errors = [(tmp / f"rank{r}.pt.error") for r in range(2)]
+    assert all(p.exitcode == 0 for p in procs), [e.read_text() for e in errors if e.exists()]
+    yield [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    mp.undo()
+
+
+def one_process(case, encode_halves_apart=False, monkeypatch=None):
+    model = model_for(case)
+    if encode_halves_apart:  # what per-process BatchNorm statistics compute, in one process
+        encode = model.point_encoder.forward
+        monkeypatch.setattr(model.point_encoder, "forward", lambda p: torch.cat([encode(h) for h in p.chunk(2)]))
+    losses = one_step(model, *batch())
+    return losses, grads(model)
+
+
+def assert_parity(ranks, case, losses, single_grads):
+    for key, value in losses.items():
+        ddp = (ranks[0][case]["losses"][key] + ranks[1][case]["losses"][key]) / 2  # what DDP optimises
+        assert ddp == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert set(ranks[0][case]["grads"]) == set(single_grads)
+    for name, g in single_grads.items():
+        assert torch.equal(ranks[0][case]["grads"][name], ranks[1][case]["grads"][name]), name  # DDP synced
+        torch.testing.assert_close(ranks[0][case]["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_captions_hold_as_many_tokens_in_each_half():
+    tokenizer = small_stage1().tokenizer
+    lengths = [len(tokenizer(c).input_ids) for c in CAPTIONS]
+    assert sum(lengths[:B]) == sum(lengths[B:])
+
+
+def test_two_processes_equal_one_process_with_batchnorm_in_eval(two_processes, monkeypatch):
+    monkeypatch.setattr(point_qformer, "sample_hard_negatives", next_in_group)
+    losses, g = one_process("batchnorm_eval")
+    assert losses["loss_itc"] > 0 and losses["loss_itm"] > 0 and losses["loss_itg"] > 0
+    assert_parity(two_processes, "batchnorm_eval", losses, g)
+
+
+def test_with_batchnorm_training_per_process_statistics_are_the_only_difference(two_processes, monkeypatch):
+    monkeypatch.setattr(point_qformer, "sample_hard_negatives", next_in_group)
+    losses, g = one_process("batchnorm_train", encode_halves_apart=True, monkeypatch=monkeypatch)
+    assert_parity(two_processes, "batchnorm_train", losses, g)
+    _, plain = one_process("batchnorm_train")  # whole-batch statistics: measurably different gradients
+    ddp = two_processes[0]["batchnorm_train"]["grads"]
+    assert not all(torch.allclose(ddp[n], g, rtol=1e-4, atol=1e-6) for n, g in plain.items())
