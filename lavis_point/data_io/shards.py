@@ -20,6 +20,16 @@ def shard_name(split, number):
     return f"{split}_points_{number:05d}.npy"
 
 
+def read_rows(shard, index) -> np.ndarray:
+    """shard[index] for many rows in one read: the rows are fetched in file order (sequential on disk,
+    one fancy index) and returned in the order asked. (len(index), P, 6)."""
+    index = np.asarray(index, dtype=np.int64)
+    order = np.argsort(index, kind="stable")
+    rows = np.empty((len(index),) + shard.shape[1:], shard.dtype)
+    rows[order] = shard[index[order]]
+    return rows
+
+
 class ShardedClouds:
     """``clouds[entry]`` -> the (P, 6) float16 row an index entry points at. Shards are memory-mapped
     on first use in each process, so DataLoader workers share the page cache and hold no copies."""
@@ -39,6 +49,19 @@ class ShardedClouds:
 
     def __getitem__(self, entry):
         return self.shard(entry.get("shard", self.default))[entry["index"]]
+
+    def rows(self, entries) -> np.ndarray:
+        """The rows of many entries, in their order: one ``read_rows`` per shard file. (len, P, 6)."""
+        by_shard = {}
+        for k, entry in enumerate(entries):
+            by_shard.setdefault(entry.get("shard", self.default), []).append(k)
+        out = None
+        for name, ks in by_shard.items():
+            shard = self.shard(name)
+            if out is None:
+                out = np.empty((len(entries),) + shard.shape[1:], shard.dtype)
+            out[ks] = read_rows(shard, [entries[k]["index"] for k in ks])  # ValueError if shards' shapes differ
+        return out
 
     def __getstate__(self):  # memory maps are reopened, not pickled, when workers are spawned
         return {"folder": self.folder, "default": self.default, "_open": {}}

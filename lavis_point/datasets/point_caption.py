@@ -9,7 +9,8 @@ import json
 import numpy as np
 from torch.utils.data import Dataset
 
-from lavis_point.datasets.bad_samples import collate_counting_skips, load_or_skip
+from lavis_point.data_io.shards import read_rows
+from lavis_point.datasets.bad_samples import BAD_SAMPLE_ERRORS, collate_counting_skips, load_or_skip
 
 
 def read_jsonl(path):
@@ -77,15 +78,36 @@ class PointCaptionDataset(Dataset):
     def __getitem__(self, i):
         return load_or_skip(self.load, i, len(self), self.is_train, self.describe)
 
-    def load(self, i):
+    def __getitems__(self, indices):
+        """A batch at once (torch's DataLoader calls this with a batch's indices): the clouds read
+        together (shard rows in one read per shard file; files still one by one) and processed in one
+        ``vis_processor.batch`` call. What cannot go that way (a read error, a bad cloud, no usable
+        caption) goes through the per-item path, which skips it as ``__getitem__`` does."""
+        batch = getattr(self.vis_processor, "batch", None)
+        if batch is None:
+            return [self[i] for i in indices]
+        try:
+            points, finite = batch(self.clouds_of([self.annotations[i] for i in indices]))
+        except BAD_SAMPLE_ERRORS:
+            return [self[i] for i in indices]
+        items = []
+        for k, i in enumerate(indices):
+            point = points[k] if finite[k] else None
+            items.append(load_or_skip(lambda j: self.load(j, point if j == i else None), i, len(self),
+                                      self.is_train, self.describe))
+        return items
+
+    def load(self, i, point=None):
+        """Item i; ``point``: its processed cloud when a batch made it already."""
         ann = self.annotations[i]
         captions = [c for c in map(self.processed, self.captions_of(ann)) if c]
         if not captions:
             raise ValueError(f"no usable caption (empty, whitespace only, not text or not valid Unicode): "
                              f"{self.captions_of(ann)!r:.200}")
         caption = captions[np.random.randint(len(captions))] if self.is_train else captions[0]
-        cloud = np.asarray(self.cloud_of(ann), dtype=np.float32)
-        item = {"point": self.vis_processor(cloud), "text_input": caption, "instance_id": ann["id"]}
+        if point is None:
+            point = self.vis_processor(np.asarray(self.cloud_of(ann)))  # float16 rows: the processor converts
+        item = {"point": point, "text_input": caption, "instance_id": ann["id"]}
         if self.prompt is not None:
             item["prompt"] = self.prompt
         return item
@@ -102,6 +124,15 @@ class PointCaptionDataset(Dataset):
 
     def cloud_of(self, ann):
         return self.points[ann["index"]] if isinstance(self.points, np.ndarray) else self.points[ann]
+
+    def clouds_of(self, anns) -> np.ndarray:
+        """The clouds of many entries, (B, P, 6): shard rows in one read per shard file, per-object
+        files one by one (ValueError when their sizes differ)."""
+        if isinstance(self.points, np.ndarray):
+            return read_rows(self.points, [ann["index"] for ann in anns])
+        if hasattr(self.points, "rows"):
+            return self.points.rows(anns)
+        return np.stack([np.asarray(self.cloud_of(ann)) for ann in anns])
 
     def collater(self, samples):
         return collate_counting_skips(samples)

@@ -29,6 +29,7 @@ from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lavis_point.datasets.batched_concat import with_batched_reads
 from lavis_point.models.checkpoint import (
     load_state_dict_checked,
     read_checkpoint,
@@ -76,7 +77,7 @@ class RunnerPoint(RunnerBase):
                 sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=get_world_size(), rank=get_rank(),
                                              seed=int(self.config.run_cfg.get("seed", 0)))
                 sampler.set_epoch(self.start_epoch)
-            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+            loader = DataLoader(with_batched_reads(dataset), batch_size=batch_size, num_workers=num_workers,
                                 pin_memory=self.device.type == "cuda", sampler=sampler,
                                 shuffle=sampler is None and is_train, collate_fn=collate_fn, drop_last=is_train)
             if self.device.type == "cuda":

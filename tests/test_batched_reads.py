@@ -1,0 +1,172 @@
+"""Batched reads: torch's DataLoader hands a map-style dataset the whole batch's indices
+(``__getitems__``); shard rows are then read in one go per shard file and processed in one call.
+What training sees must not change: with the same draws (a seeded or deterministic processor) the
+batches equal those of the per-item path, bad samples are skipped the same way, and LAVIS's
+ConcatDataset (which wraps every training set) passes the batch through."""
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from lavis.datasets.datasets.base_dataset import ConcatDataset
+from lavis.processors.blip_processors import BlipCaptionProcessor
+from torch.utils.data import DataLoader, Dataset
+
+import lavis_point  # noqa: F401
+from lavis_point.data_io.shards import ShardedClouds, read_rows, shard_name
+from lavis_point.datasets.batched_concat import BatchedConcatDataset, with_batched_reads
+from lavis_point.datasets.cap3d import CloudFiles
+from lavis_point.datasets.point_caption import PointCaptionDataset
+from lavis_point.processors.point_processors import PointEvalProcessor, PointTrainProcessor
+from lavis_point.runners.runner_point import RunnerPoint
+from tests.point_files import write_pickle
+
+P = 256
+
+
+def clouds(n, points=P, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.normal(size=(n, points, 3)), rng.random((n, points, 3))], axis=2)
+
+
+def sharded(folder, n_per_shard=(5, 7), processor=None, is_train=True):
+    """A dataset over numbered float16 shards, as scripts/convert_points.py writes them."""
+    entries = []
+    for number, n in enumerate(n_per_shard):
+        np.save(os.path.join(folder, shard_name("train", number)), clouds(n, seed=number).astype(np.float16))
+        entries += [{"id": f"s{number}_{row}", "shard": shard_name("train", number), "index": row,
+                     "captions": [f"shape {number} {row}", f"thing {row}"]} for row in range(n)]
+    processor = processor or PointTrainProcessor.from_config({"num_points": P, "seed": 3})
+    return PointCaptionDataset(ShardedClouds(str(folder), "train"), entries, processor, BlipCaptionProcessor(),
+                               is_train)
+
+
+class PerItem(Dataset):
+    """The same dataset without ``__getitems__``: the DataLoader fetches item by item."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+def batches(dataset, batch_size=4):
+    np.random.seed(0)  # caption choice draws from numpy's stream, as in a seeded run
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(1),
+                        collate_fn=dataset.collater if hasattr(dataset, "collater") else dataset.dataset.collater)
+    return list(loader)
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        assert torch.equal(x["point"], y["point"])
+        assert x["text_input"] == y["text_input"] and x["instance_id"] == y["instance_id"]
+        assert x["skipped"] == y["skipped"]
+
+
+def test_read_rows_returns_rows_in_the_order_asked():
+    shard = np.arange(10 * 2 * 6, dtype=np.float16).reshape(10, 2, 6)
+    assert np.array_equal(read_rows(shard, [7, 2, 9, 2, 0]), shard[[7, 2, 9, 2, 0]])
+
+
+def test_sharded_rows_gather_across_shard_files_in_entry_order(tmp_path):
+    dataset = sharded(tmp_path)
+    picked = [dataset.annotations[i] for i in (9, 0, 6, 4, 11)]
+    assert np.array_equal(dataset.points.rows(picked), np.stack([dataset.points[e] for e in picked]))
+
+
+def test_training_batches_from_shards_equal_the_per_item_path(tmp_path):
+    dataset = sharded(tmp_path)
+    calls = []
+    getitems = dataset.__getitems__
+    dataset.__getitems__ = lambda indices: calls.append(list(indices)) or getitems(indices)
+    batched, per_item = batches(dataset), batches(PerItem(dataset))
+    assert len(calls) == 3 and sorted(sum(calls, [])) == list(range(12))  # one read per batch
+    assert_same_batches(batched, per_item)
+
+
+def test_eval_batches_from_a_single_shard_array_equal_the_per_item_path():
+    points = clouds(10).astype(np.float16)
+    dataset = PointCaptionDataset(points, [{"id": f"obj{i}", "caption": f"object {i}", "index": 9 - i} for i in range(10)],
+                                  PointEvalProcessor.from_config({"num_points": 128}), BlipCaptionProcessor(), False)
+    assert_same_batches(batches(dataset, 3), batches(PerItem(dataset), 3))
+
+
+def test_per_object_files_are_read_one_by_one_and_processed_as_a_batch(tmp_path):
+    entries = []
+    for i, cloud in enumerate(clouds(6, points=300)):
+        write_pickle(tmp_path / f"obj{i}.pkl", cloud.astype(np.float32))
+        entries.append({"id": f"obj{i}", "caption": f"object {i}", "path": str(tmp_path / f"obj{i}.pkl")})
+    processor = PointTrainProcessor.from_config({"num_points": P, "seed": 5, "dropout": 0.3})
+    dataset = PointCaptionDataset(CloudFiles(), entries, processor, BlipCaptionProcessor(), True)
+    assert_same_batches(batches(dataset, 4), batches(PerItem(dataset), 4))
+
+
+@pytest.mark.parametrize("is_train", [True, False])
+def test_a_bad_row_in_a_batch_is_skipped_as_the_per_item_path_skips_it(tmp_path, is_train):
+    dataset = sharded(tmp_path, is_train=is_train)
+    bad = np.load(tmp_path / shard_name("train", 1))
+    bad[3, 10, 0] = np.nan
+    np.save(tmp_path / shard_name("train", 1), bad)
+    dataset.annotations[0]["captions"] = ["   "]  # no usable caption
+    batched, per_item = batches(dataset), batches(PerItem(dataset))
+    failures = [f for b in batched for f in b["skipped"]]
+    assert any("'s0_0'" in f and "caption" in f for f in failures)
+    assert any("'s1_3'" in f and "NaN" in f for f in failures)
+    assert len(failures) == 2 or is_train  # training's substitutes may be bad ones too (both paths alike)
+    assert sum(len(b["point"]) for b in batched) == (12 if is_train else 10)
+    assert_same_batches(batched, per_item)
+
+
+def test_each_cloud_of_a_batch_gets_its_own_augmentation():
+    processor = PointTrainProcessor.from_config({"num_points": P})
+    same = np.repeat(clouds(1), 4, axis=0).astype(np.float16)
+    out, finite = processor.batch(same)
+    assert finite.all() and out.shape == (4, P, 6)
+    assert all(not torch.equal(out[a], out[b]) for a in range(4) for b in range(a + 1, 4))
+
+
+def test_seeded_batches_equal_single_clouds_when_resampling_too():
+    processor = PointTrainProcessor.from_config({"num_points": P, "seed": 7, "dropout": 0.5})
+    for points in (100, 400):  # fewer points than asked (repeats) and more (a subset)
+        batch = clouds(3, points=points).astype(np.float32)
+        out, finite = processor.batch(batch)
+        assert finite.all()
+        assert all(torch.equal(out[k], processor(batch[k])) for k in range(3))
+
+
+def test_lavis_concat_dataset_passes_the_batch_to_each_member(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = sharded(tmp_path / "a", (4,)), sharded(tmp_path / "b", (3, 3))
+    seen = []
+    for member in (first, second):
+        getitems = member.__getitems__
+        member.__getitems__ = lambda indices, g=getitems: seen.append(list(indices)) or g(indices)
+    concat = with_batched_reads(ConcatDataset([first, second]))
+    assert isinstance(concat, BatchedConcatDataset)
+    items = concat.__getitems__([8, 1, 4, 3, 9])
+    assert seen == [[4, 0, 5], [1, 3]]  # second's local indices, in batch order, then first's
+    assert [it["instance_id"] for it in items] == ["s1_1", "s0_1", "s0_0", "s0_3", "s1_2"]
+    assert all(torch.equal(it["point"], concat[i]["point"]) for it, i in zip(items, [8, 1, 4, 3, 9]))
+
+
+def test_the_runner_loads_training_batches_through_batched_reads(tmp_path):
+    concat = ConcatDataset([sharded(tmp_path)])
+    runner = SimpleNamespace(use_distributed=False, device=torch.device("cpu"), start_epoch=0)
+    (loader,) = RunnerPoint.create_loaders(runner, [concat], 0, [4], [True], [concat.collater])
+    assert isinstance(loader._dataloader.dataset, BatchedConcatDataset)
+
+
+def test_a_nan_among_points_that_resampling_leaves_out_still_marks_the_cloud_bad():
+    processor = PointEvalProcessor.from_config({"num_points": 64})
+    batch = clouds(2, points=100).astype(np.float32)
+    batch[1, 1, 0] = np.nan  # evenly spaced resampling to 64 of 100 rows skips row 1
+    assert processor.batch(batch)[1].tolist() == [True, False]
