@@ -32,13 +32,23 @@ def read_checkpoint(path: str) -> dict:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to load: it holds objects beyond tensors and plain containers, and "
-            f"lavis-point only reads checkpoints with weights_only=True ({str(e).splitlines()[0]})"
+            f"lavis-point only reads checkpoints with weights_only=True, so no file can run code when read "
+            f"({_unpickler_reason(e)}). If you trust the file, re-save its tensors as plain data: "
+            f"torch.save({{'model': state_dict}}, path)"
         ) from e
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
+
+
+def _unpickler_reason(error) -> str:
+    """The line of torch's weights-only message that names what the file asked for."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported" in line or "GLOBAL" in line]
+    reason = (named or lines or [type(error).__name__])[0]
+    return reason.removeprefix("WeightsUnpickler error: ").split(" was not an allowed global")[0]
 
 
 def state_dict_of(obj: dict, path: str = "") -> dict:
