@@ -136,7 +136,8 @@ def write_cloud_files(folder, marker):
 
 BAD_CAPTIONS = {"empty": "", "whitespace": " \t\n ", "punctuation only": "!!! ...", "lone surrogate": "a \udcff",
                 "not text": 42, "null": None}
-GOOD_CAPTIONS = {"very long": "a red cube " * 20000, "non-latin": "一个红色的立方体", "control char": "a\x00red cube"}
+GOOD_CAPTIONS = {"very long": "a red cube " * 20000, "non-latin": "一个红色的立方体",
+                 "control char": "a\x00red cube"}
 
 
 def annotations_for(files):
@@ -268,7 +269,8 @@ def test_shard_problems_are_counted_skips_that_name_the_shard(tmp_path):
 @pytest.mark.parametrize("name,content,reason", [
     ("a.json", b'[{"point": "a.pkl", "caption": "a cube"', r"a\.json: malformed JSON: Expecting"),
     ("a.json", b"", r"a\.json: malformed JSON"),
-    ("a.json", b'[{"point": "a.pkl", "caption": "a \xff cube"}]', r"a\.json: not UTF-8 text \(invalid start byte at byte 34\)"),
+    ("a.json", b'[{"point": "a.pkl", "caption": "a \xff cube"}]',
+     r"a\.json: not UTF-8 text \(invalid start byte at byte 34\)"),
     ("a.csv", b"uid1,a \xfe cube\n", r"a\.csv: not UTF-8 text"),
     ("a.jsonl", b'{"point": "a.pkl", "caption": "ok"}\n{"point": \n', r"a\.jsonl:2: malformed JSON line"),
     ("a.jsonl", b'{"point": "a.pkl", "caption": "ok"}\n{"caption": "\xc3"}\n', r"a\.jsonl:2: not UTF-8 text"),
@@ -309,7 +311,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_every_loader(code_checkp
     assert "plain containers" in str(caught.value) and not marker.exists()
 
 
-LOADS = re.compile(r"torch\.load\(|pickle\.loads?\(|allow_pickle\s*=\s*True|weights_only\s*=\s*False|\bdill\b|joblib\.load")
+LOADS = re.compile(r"torch\.load\(|pickle\.loads?\(|allow_pickle\s*=\s*True|weights_only\s*=\s*False"
+                   r"|\bdill\b|joblib\.load")
 
 
 def test_no_code_path_reads_a_file_with_plain_pickle():

@@ -151,7 +151,8 @@ def test_a_resumed_distributed_loader_continues_with_the_next_epochs_order(tmp_p
     try:
         def first_batches(start_epoch, passes):
             runner = types.SimpleNamespace(use_distributed=True, start_epoch=start_epoch, device=torch.device("cpu"),
-                                           use_dist_eval_sampler=True, config=OmegaConf.create({"run_cfg": {"seed": 3}}))
+                                           use_dist_eval_sampler=True,
+                                           config=OmegaConf.create({"run_cfg": {"seed": 3}}))
             (loader,) = RunnerPoint.create_loaders(runner, [data], 0, [4], [True], [None])
             return [next(loader).tolist() for _ in range(4 * passes)][-4:]
 
