@@ -2,11 +2,21 @@
 one pickle per cloud, on the same clouds in the same run.
 
 Both read the same N Cap3D-like clouds (8192 x 6 float32, one pickle each, GPT4Point-style annotation
-JSON), converted once to shards. Each pass visits every item in one shuffled order (as training does),
-measured twice: "read" (dataset.cloud_of to a float32 array: the part the storage decides) and "item"
-(dataset[i]: read + the training processor at 8192 points). "cold" passes first evict every file from
-the page cache (posix_fadvise DONTNEED), as when a dataset is larger than memory; "warm" passes reread
-what is cached. Prints one JSON line per measurement and the shard/pickle ratios last.
+JSON), converted once to shards, with the same training processor (``point_train``, 8192 points).
+Each pass visits every item once in one shuffled order, as training does:
+- "read": dataset.cloud_of(entry) to a float32 array, item by item (the part the storage decides);
+- "loader, per item": a DataLoader (the run's batch size from projects/cap3d/stage1.yaml,
+  num_workers=0, the dataset's collater) over the dataset with ``__getitems__`` hidden, so every item
+  is read and processed alone (how training read before batched reads);
+- "loader, batched": the same DataLoader over the dataset itself, as training reads it now: torch
+  passes each batch's indices to ``__getitems__``; shards read the batch's rows in one sorted read per
+  shard file, pickles still open and unpickle one file per cloud; both process the batch in one call.
+"cold" passes first evict every file from the page cache (posix_fadvise DONTNEED), as when a dataset
+is larger than memory; "warm" passes reread what is cached. Each measurement is the median of
+--repeats passes, pickles and shards alternating (the machine may be shared). torch runs on one thread, as in a
+DataLoader worker (training uses num_workers: 4). Prints one JSON line per measurement, the load
+average before and after, where a warm batched pass spends its time per cloud, and the shard/pickle
+ratios last.
 
     python scripts/bench_data.py [--clouds 2000]
 """
@@ -18,6 +28,7 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,20 +74,62 @@ def dataset(root, source):
     return registry.get_builder_class("cap3d_point_caption")(cfg).build_datasets()["train"]
 
 
-def rate(ds, order, what):
-    fetch = (lambda i: ds.cloud_of(ds.annotations[i])) if what == "read" else ds.__getitem__
+class PerItem(torch.utils.data.Dataset):
+    """The dataset with ``__getitems__`` hidden: a DataLoader then fetches item by item."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+
+def rate(ds, order, what, batch_size):
     started = time.perf_counter()
-    for i in order:
-        np.asarray(fetch(i), dtype=np.float32) if what == "read" else fetch(i)  # materialised, as items are
+    if what == "read":
+        for i in order:
+            np.asarray(ds.cloud_of(ds.annotations[i]), dtype=np.float32)  # materialised, as items are
+    else:
+        loader = torch.utils.data.DataLoader(ds if what == "batched" else PerItem(ds), batch_size=batch_size,
+                                             sampler=order.tolist(), num_workers=0, collate_fn=ds.collater)
+        for _ in loader:
+            pass
     return len(order) / (time.perf_counter() - started)
+
+
+def stages(ds, order, batch_size):
+    """Microseconds per cloud of a warm batched pass spent reading the batch's clouds and processing them."""
+    read = process = 0.0
+    for start in range(0, len(order), batch_size):
+        anns = [ds.annotations[i] for i in order[start:start + batch_size]]
+        t0 = time.perf_counter()
+        clouds = ds.clouds_of(anns)
+        t1 = time.perf_counter()
+        ds.vis_processor.batch(clouds)
+        read, process = read + t1 - t0, process + time.perf_counter() - t1
+    return {"read": round(read / len(order) * 1e6, 1), "process": round(process / len(order) * 1e6, 1)}
+
+
+def run_batch_size():
+    run = OmegaConf.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      "projects", "cap3d", "stage1.yaml")).run
+    return int(run.batch_size_train)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clouds", type=int, default=2000)
     parser.add_argument("--num-points", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the Cap3D stage-1 run's")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per measurement (the median is kept)")
     parser.add_argument("--workdir", default=None, help="where to write the clouds (default: a temp folder)")
     args = parser.parse_args()
+    torch.set_num_threads(1)
+    batch_size = args.batch_size or run_batch_size()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=args.workdir) as root:
         annotations = make_pickles(root, args.clouds, args.num_points)
         located, missing = locate_clouds(read_annotations(annotations), os.path.join(root, "clouds"))
@@ -87,21 +140,35 @@ def main():
         datasets = {"pickles": dataset(root, "files"), "shards": dataset(root, "shards")}
         folders = {"pickles": os.path.join(root, "clouds"), "shards": os.path.join(root, "shards")}
         order = np.random.default_rng(1).permutation(args.clouds)
+        for source in datasets:  # compile the processor's kernel outside the timings
+            datasets[source].__getitems__(order[:2].tolist())
         results = {}
-        for what in ("read", "item"):
+        for what in ("read", "per_item", "batched"):
             for cache in ("cold", "warm"):
-                for source in ("pickles", "shards"):
-                    if cache == "cold":
-                        evict(folders[source])
-                    else:
-                        rate(datasets[source], order, "read")  # fill the cache
-                    results[(what, cache, source)] = r = rate(datasets[source], order, what)
-                    print(json.dumps({"measure": what, "cache": cache, "source": source,
-                                      "clouds_per_s": round(r, 1)}))
+                runs = {"pickles": [], "shards": []}
+                for _ in range(args.repeats):  # sources alternate, so both meet the same load
+                    for source in ("pickles", "shards"):
+                        if cache == "cold":
+                            evict(folders[source])
+                        else:
+                            rate(datasets[source], order, "read", batch_size)  # fill the cache
+                        runs[source].append(rate(datasets[source], order, what, batch_size))
+                for source, rates in runs.items():
+                    results[(what, cache, source)] = r = float(np.median(rates))
+                    print(json.dumps({"measure": what, "cache": cache, "source": source, "clouds_per_s": round(r, 1),
+                                      "runs": [round(x, 1) for x in rates]}))
+        for source in ("pickles", "shards"):  # where a warm batched pass spends its time, per cloud
+            parts = stages(datasets[source], order, batch_size)
+            total = 1e6 / results[("batched", "warm", source)]
+            print(json.dumps({"source": source, "us_per_cloud": {**parts, "rest (items, captions, collate)":
+                                                                 round(total - sum(parts.values()), 1)}}))
+        measures = ("read", "per_item", "batched")
         ratios = {f"{what}_{cache}": round(results[(what, cache, "shards")] / results[(what, cache, "pickles")], 2)
-                  for what in ("read", "item") for cache in ("cold", "warm")}
+                  for what in measures for cache in ("cold", "warm")}
         print(json.dumps({"shards_over_pickles": ratios, "clouds": args.clouds, "num_points": args.num_points,
-                          "cpus": os.cpu_count()}))
+                          "batch_size": batch_size, "cpus": os.cpu_count(),
+                          "load_average_before": [round(x, 2) for x in load_before],
+                          "load_average_after": [round(x, 2) for x in os.getloadavg()]}))
 
 
 if __name__ == "__main__":
