@@ -66,17 +66,24 @@ def _transform(x, normalize, matrix, offset, out, sums):
                 r2 = max(r2, dx * dx + dy * dy + dz * dz)
             if r2 > 0:
                 inv = 1.0 / math.sqrt(r2)
-        # xyz @ (inv * matrix) + offset, in float64
+        # xyz @ (inv * matrix) + offset, in float64; the matrix in scalars, so the loop keeps them in registers
         a = matrix[b].astype(np.float64) * inv
-        t = offset[b]
-        to_unit = np.float32(255) if peak > 1 else hi
+        a00, a01, a02, a10, a11, a12, a20, a21, a22 = a[0, 0], a[0, 1], a[0, 2], a[1, 0], a[1, 1], a[1, 2], \
+            a[2, 0], a[2, 1], a[2, 2]
+        t0, t1, t2 = np.float64(offset[b, 0]), np.float64(offset[b, 1]), np.float64(offset[b, 2])
         for i in range(n):
             dx, dy, dz = x[b, i, 0] - mx, x[b, i, 1] - my, x[b, i, 2] - mz
-            out[b, i, 0] = dx * a[0, 0] + dy * a[1, 0] + dz * a[2, 0] + t[0]
-            out[b, i, 1] = dx * a[0, 1] + dy * a[1, 1] + dz * a[2, 1] + t[1]
-            out[b, i, 2] = dx * a[0, 2] + dy * a[1, 2] + dz * a[2, 2] + t[2]
-            for c in range(3, 6):
-                out[b, i, c] = min(max(x[b, i, c] / to_unit, lo), hi) * np.float32(2) - hi
+            out[b, i, 0] = dx * a00 + dy * a10 + dz * a20 + t0
+            out[b, i, 1] = dx * a01 + dy * a11 + dz * a21 + t1
+            out[b, i, 2] = dx * a02 + dy * a12 + dz * a22 + t2
+        if peak > 1:  # rgb stored as 0-255
+            for i in range(n):
+                for c in range(3, 6):
+                    out[b, i, c] = min(max(x[b, i, c] / np.float32(255), lo), hi) * np.float32(2) - hi
+        else:  # no division in the common case
+            for i in range(n):
+                for c in range(3, 6):
+                    out[b, i, c] = min(max(x[b, i, c], lo), hi) * np.float32(2) - hi
 
 
 class PointProcessor(BaseProcessor):
