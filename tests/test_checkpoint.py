@@ -55,7 +55,7 @@ def test_values_land_where_they_belong(tmp_path):
 
 
 def test_stage2_starts_from_a_stage1_file_ignoring_its_text_heads(tmp_path):
-    stage1 = small_stage1().eval()
+    stage1 = small_stage1(global_itc_weight=1.0).eval()
     path = str(tmp_path / "stage1.pth")
     torch.save({"model": stage1.state_dict()}, path)
     stage2 = small_stage2().eval()

@@ -32,6 +32,23 @@ def test_every_trainable_part_gets_a_gradient():
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+def test_global_term_adds_a_contrastive_loss_over_the_max_pooled_encoder_tokens():
+    model = small_stage1(global_itc_weight=0.5)
+    out = model(batch())
+    assert torch.allclose(out["loss"], out["loss_itc"] + out["loss_itm"] + out["loss_itg"]
+                          + 0.5 * out["loss_global_itc"])
+    # Its own gradient reaches the encoder directly, not only through the Q-Former's cross-attention.
+    out["loss_global_itc"].backward()
+    assert model.global_proj.weight.grad.abs().sum() > 0
+    assert model.point_encoder.reduce_dim.weight.grad.abs().sum() > 0
+    assert model.Qformer.bert.encoder.layer[0].crossattention.self.key.weight.grad is None
+
+
+def test_without_the_global_term_the_model_has_no_global_head():
+    model = small_stage1()
+    assert "loss_global_itc" not in model(batch()) and not hasattr(model, "global_proj")
+
+
 def test_frozen_encoder_gets_no_gradient_and_keeps_batchnorm_statistics():
     model = small_stage1(freeze_encoder=True).train()
     before = model.point_encoder.encoder.first_conv[1].running_mean.clone()

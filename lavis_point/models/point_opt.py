@@ -59,7 +59,8 @@ class PointOPT(PointQueryModel):
     # A stage-1 file carries text parts and heads stage 2 does not use.
     IGNORABLE_KEYS = (
         r"Qformer\.cls\.", r"Qformer\.bert\.embeddings\.(word_embeddings|position_embeddings|position_ids)",
-        r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.", r"(point_proj|text_proj|itm_head)\.",
+        r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.",
+        r"(point_proj|text_proj|itm_head|global_proj)\.",
         r"temp$",
     )
     PRETRAINED_OPTIONAL = ("opt_proj.", "opt_model.")

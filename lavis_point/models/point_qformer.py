@@ -5,6 +5,12 @@
 - ITM: bidirectional pass over (queries, text); one hard negative text per cloud and one hard
   negative cloud per text, drawn from the contrastive similarities; a 2-way head averaged over queries.
 - ITG: the text after a ``[DEC]`` token, generated from the queries under a causal text mask.
+- Optional (``global_itc_weight`` > 0, the embedded default): a second contrastive term between the
+  text and the point encoder's own global feature (max over its tokens, as PointNet and ULIP pool).
+  A randomly initialised encoder that learns only through the Q-Former's cross-attention picks up
+  colour (constant over an object, so it survives any pooling) but barely shape; with a direct,
+  max-pooled signal it learns shape within a hundred steps and the queries can then read it.
+  BLIP-2 has no such term because its image encoder is pretrained and frozen.
 
 Exposes ``encode_points``, ``encode_text`` and ``point_text_similarity`` for retrieval and
 zero-shot classification.
@@ -35,7 +41,7 @@ class PointQFormer(PointQueryModel):
     # BLIP-2 (image) files have no point encoder or point projection.
     PRETRAINED_OPTIONAL = ("point_encoder.", "pc_projection")
 
-    def __init__(self, embed_dim=256, max_txt_len=32, itg_delay_steps=0, **base):
+    def __init__(self, embed_dim=256, max_txt_len=32, itg_delay_steps=0, global_itc_weight=0.0, **base):
         super().__init__(**base)
         # The generation loss joins after this many optimiser steps (0: from the start, as BLIP-2).
         # With a randomly initialised point encoder its early gradients, shared through the
@@ -47,11 +53,15 @@ class PointQFormer(PointQueryModel):
         self.itm_head = nn.Linear(hidden, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
         self.max_txt_len = max_txt_len
+        self.global_itc_weight = global_itc_weight
+        if global_itc_weight > 0:
+            self.global_proj = nn.Linear(self.Qformer.cfg["encoder_width"], embed_dim)
 
     @classmethod
     def from_config(cls, cfg):
         model = cls(embed_dim=cfg.get("embed_dim", 256), max_txt_len=cfg.get("max_txt_len", 32),
-                    itg_delay_steps=cfg.get("itg_delay_steps", 0), **cls.base_kwargs(cfg))
+                    itg_delay_steps=cfg.get("itg_delay_steps", 0),
+                    global_itc_weight=cfg.get("global_itc_weight", 0.0), **cls.base_kwargs(cfg))
         model.load_pretrained_from_config(cfg)
         return model
 
@@ -126,7 +136,15 @@ class PointQFormer(PointQueryModel):
         loss_itg = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]), targets[:, 1:].reshape(-1),
                                    ignore_index=-100, label_smoothing=0.1)
 
+        losses = {"loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg}
+        if self.global_itc_weight > 0:
+            global_feat = F.normalize(self.global_proj(point_tokens.max(dim=1).values), dim=-1)  # (B, D)
+            losses["loss_global_itc"] = contrastive_loss(*contrastive_similarities(
+                global_feat.unsqueeze(1), text_feat, self.temp))
+
         step = samples.get("epoch", 0) * samples.get("num_iters_per_epoch", 0) + samples.get("iters", 0)
         # While delayed, 0 * loss keeps the LM head in the graph: DDP fails on parameters without grads.
         loss = loss_itc + loss_itm + (loss_itg if step >= self.itg_delay_steps else 0.0 * loss_itg)
-        return {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg}
+        if self.global_itc_weight > 0:
+            loss = loss + self.global_itc_weight * losses["loss_global_itc"]
+        return {"loss": loss, **losses}
