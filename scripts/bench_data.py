@@ -100,17 +100,24 @@ def rate(ds, order, what, batch_size):
     return len(order) / (time.perf_counter() - started)
 
 
-def stages(ds, order, batch_size):
-    """Microseconds per cloud of a warm batched pass spent reading the batch's clouds and processing them."""
-    read = process = 0.0
-    for start in range(0, len(order), batch_size):
-        anns = [ds.annotations[i] for i in order[start:start + batch_size]]
-        t0 = time.perf_counter()
-        clouds = ds.clouds_of(anns)
-        t1 = time.perf_counter()
-        ds.vis_processor.batch(clouds)
-        read, process = read + t1 - t0, process + time.perf_counter() - t1
-    return {"read": round(read / len(order) * 1e6, 1), "process": round(process / len(order) * 1e6, 1)}
+def stages(ds, order, batch_size, repeats):
+    """Microseconds per cloud of a warm batched pass: in all (a loader pass), reading the batches'
+    clouds, processing them, and the rest (items, captions, collate). Medians over ``repeats``, the
+    parts timed right beside the whole."""
+    runs = []
+    for _ in range(repeats):
+        read = process = 0.0
+        for start in range(0, len(order), batch_size):
+            anns = [ds.annotations[i] for i in order[start:start + batch_size]]
+            t0 = time.perf_counter()
+            clouds = ds.clouds_of(anns)
+            t1 = time.perf_counter()
+            ds.vis_processor.batch(clouds)
+            read, process = read + t1 - t0, process + time.perf_counter() - t1
+        total = len(order) / rate(ds, order, "batched", batch_size)
+        runs.append((total, read, process, total - read - process))
+    names = ("total", "read", "process", "rest (items, captions, collate)")
+    return {name: round(float(np.median([r[k] for r in runs])) / len(order) * 1e6, 1) for k, name in enumerate(names)}
 
 
 def run_batch_size():
@@ -158,10 +165,8 @@ def main():
                     print(json.dumps({"measure": what, "cache": cache, "source": source, "clouds_per_s": round(r, 1),
                                       "runs": [round(x, 1) for x in rates]}))
         for source in ("pickles", "shards"):  # where a warm batched pass spends its time, per cloud
-            parts = stages(datasets[source], order, batch_size)
-            total = 1e6 / results[("batched", "warm", source)]
-            print(json.dumps({"source": source, "us_per_cloud": {**parts, "rest (items, captions, collate)":
-                                                                 round(total - sum(parts.values()), 1)}}))
+            print(json.dumps({"source": source, "us_per_cloud": stages(datasets[source], order, batch_size,
+                                                                       args.repeats)}))
         measures = ("read", "per_item", "batched")
         ratios = {f"{what}_{cache}": round(results[(what, cache, "shards")] / results[(what, cache, "pickles")], 2)
                   for what in measures for cache in ("cold", "warm")}
