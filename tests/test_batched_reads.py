@@ -94,7 +94,8 @@ def test_training_batches_from_shards_equal_the_per_item_path(tmp_path):
 
 def test_eval_batches_from_a_single_shard_array_equal_the_per_item_path():
     points = clouds(10).astype(np.float16)
-    dataset = PointCaptionDataset(points, [{"id": f"obj{i}", "caption": f"object {i}", "index": 9 - i} for i in range(10)],
+    entries = [{"id": f"obj{i}", "caption": f"object {i}", "index": 9 - i} for i in range(10)]
+    dataset = PointCaptionDataset(points, entries,
                                   PointEvalProcessor.from_config({"num_points": 128}), BlipCaptionProcessor(), False)
     assert_same_batches(batches(dataset, 3), batches(PerItem(dataset), 3))
 
@@ -170,3 +171,16 @@ def test_a_nan_among_points_that_resampling_leaves_out_still_marks_the_cloud_bad
     batch = clouds(2, points=100).astype(np.float32)
     batch[1, 1, 0] = np.nan  # evenly spaced resampling to 64 of 100 rows skips row 1
     assert processor.batch(batch)[1].tolist() == [True, False]
+
+
+def test_a_full_size_cloud_keeps_its_points_rolled_to_a_random_start():
+    cloud = clouds(1)[0].astype(np.float32)
+    plain = PointEvalProcessor.from_config({"num_points": P})(cloud)
+    starts = set()
+    for seed in range(8):
+        out = PointTrainProcessor.from_config({"num_points": P, "scale": None, "shift": 0, "rotate": False,
+                                               "seed": seed})(cloud)
+        start = int(torch.nonzero((plain == out[0]).all(dim=1))[0])
+        assert torch.equal(out, torch.roll(plain, -start, dims=0))
+        starts.add(start)
+    assert len(starts) > 4

@@ -39,10 +39,11 @@ def resample(cloud: np.ndarray, num_points: int, rng) -> np.ndarray:
 # transform are float64: a float32 cloud may span float32's whole range, where differences and
 # squares would overflow or underflow in float32.
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _transform(x, normalize, matrix, offset, out, sums):
+def _transform(x, start, normalize, matrix, offset, out, sums):
     """x (B, N, 6) float32 -> out (B, N, 6): xyz centred and scaled to the unit sphere (if
     ``normalize``), then @ matrix[b] + offset[b]; rgb (0-255 when its maximum exceeds 1) clipped to
-    [0, 1] and mapped to [-1, 1]. sums (B, 6) float64: each channel's sum (non-finite = bad cloud).
+    [0, 1] and mapped to [-1, 1]; rows rolled so that out[b, 0] is x[b, start[b]].
+    sums (B, 6) float64: each channel's sum (non-finite = bad cloud).
     Three passes over one cloud at a time, so the second and third read it from cache."""
     n = x.shape[1]
     lo, hi = np.float32(0), np.float32(1)
@@ -71,19 +72,22 @@ def _transform(x, normalize, matrix, offset, out, sums):
         a00, a01, a02, a10, a11, a12, a20, a21, a22 = a[0, 0], a[0, 1], a[0, 2], a[1, 0], a[1, 1], a[1, 2], \
             a[2, 0], a[2, 1], a[2, 2]
         t0, t1, t2 = np.float64(offset[b, 0]), np.float64(offset[b, 1]), np.float64(offset[b, 2])
-        for i in range(n):
-            dx, dy, dz = x[b, i, 0] - mx, x[b, i, 1] - my, x[b, i, 2] - mz
-            out[b, i, 0] = dx * a00 + dy * a10 + dz * a20 + t0
-            out[b, i, 1] = dx * a01 + dy * a11 + dz * a21 + t1
-            out[b, i, 2] = dx * a02 + dy * a12 + dz * a22 + t2
-        if peak > 1:  # rgb stored as 0-255
-            for i in range(n):
-                for c in range(3, 6):
-                    out[b, i, c] = min(max(x[b, i, c] / np.float32(255), lo), hi) * np.float32(2) - hi
-        else:  # no division in the common case
-            for i in range(n):
-                for c in range(3, 6):
-                    out[b, i, c] = min(max(x[b, i, c], lo), hi) * np.float32(2) - hi
+        # input row i goes to output row i - start[b], wrapped: two runs of consecutive rows
+        for first, last, to in ((start[b], n, 0), (0, start[b], n - start[b])):
+            for i in range(first, last):
+                o = i - first + to
+                dx, dy, dz = x[b, i, 0] - mx, x[b, i, 1] - my, x[b, i, 2] - mz
+                out[b, o, 0] = dx * a00 + dy * a10 + dz * a20 + t0
+                out[b, o, 1] = dx * a01 + dy * a11 + dz * a21 + t1
+                out[b, o, 2] = dx * a02 + dy * a12 + dz * a22 + t2
+            if peak > 1:  # rgb stored as 0-255
+                for i in range(first, last):
+                    for c in range(3, 6):
+                        out[b, i - first + to, c] = min(max(x[b, i, c] / np.float32(255), lo), hi) * np.float32(2) - hi
+            else:  # no division in the common case
+                for i in range(first, last):
+                    for c in range(3, 6):
+                        out[b, i - first + to, c] = min(max(x[b, i, c], lo), hi) * np.float32(2) - hi
 
 
 class PointProcessor(BaseProcessor):
@@ -133,13 +137,10 @@ class PointProcessor(BaseProcessor):
         if draws["rows"] is not None:
             x = x[np.arange(count)[:, None], draws["rows"]]  # (B, num_points, 6)
         out = np.empty(x.shape, np.float32)
-        _transform(x, self.normalize, draws["matrix"], draws["offset"], out,
+        start = np.zeros(count, np.int64) if draws["start"] is None else draws["start"]
+        _transform(x, start, self.normalize, draws["matrix"], draws["offset"], out,
                    np.empty((count, 6)) if sums is None else sums)
         out = torch.from_numpy(out)
-        if draws["first"] is not None:  # swap each cloud's drawn first point with its point 0
-            batch = torch.arange(count)
-            first = torch.from_numpy(np.asarray(draws["first"]))
-            out[batch, first], out[batch, 0] = out[batch, 0], out[batch, first]
         if draws["drop"] is not None:
             # Dropped points become copies of the first point, colour included (PointNet++'s trick):
             # the shape stays fixed.
@@ -148,13 +149,14 @@ class PointProcessor(BaseProcessor):
 
     def _draws(self, rng, n, count):
         """Every random choice for ``count`` clouds of n points, each its own: resampling (rows, or
-        for n == num_points the point to put first), the xyz matrix and offset, dropped points."""
-        first = rows = drop = None
+        for n == num_points the row to start from), the xyz matrix and offset, dropped points."""
+        start = rows = drop = None
         if rng is not None and n == self.num_points:
-            # The same points in the same order but a random one first: order reaches the model only
-            # through point 0 (FPS starts there; dropout copies it), so this is a full shuffle's effect
-            # without a full shuffle's cost.
-            first = rng.integers(0, n, count)
+            # No subset to draw: the same points, rolled to start at a random row. Order reaches the
+            # model through point 0 (FPS starts there, dropout copies it) and the lowest-index rule
+            # that breaks FPS and kNN ties; the roll makes both random per pass without the cost of
+            # a full shuffle (whose other orders the model cannot tell apart except at ties).
+            start = rng.integers(0, n, count)
         elif n != self.num_points:
             rows = np.stack([resample_index(n, self.num_points, rng) for _ in range(count)])
         matrix = np.broadcast_to(np.eye(3, dtype=np.float32), (count, 3, 3))
@@ -172,7 +174,7 @@ class PointProcessor(BaseProcessor):
                 offset = rng.uniform(-self.shift, self.shift, (count, 3)).astype(np.float32)
             if self.dropout > 0:
                 drop = rng.random((count, self.num_points)) < rng.uniform(0, self.dropout, count)[:, None]
-        return {"first": first, "rows": rows, "matrix": np.ascontiguousarray(matrix), "offset": offset,
+        return {"start": start, "rows": rows, "matrix": np.ascontiguousarray(matrix), "offset": offset,
                 "drop": drop}
 
     def _rng(self):
