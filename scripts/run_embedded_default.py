@@ -1,8 +1,9 @@
 """The embedded default end to end, on a CPU: stage 1 -> stage 2 -> caption evaluation on the
-held-out test split, plus the same evaluation of an untrained model for comparison. Each step is
-the command a user would type (train.py / evaluate.py with the YAMLs in projects/embedded/).
-The last line printed is a JSON object: held-out test metrics, the untrained model's beside them,
-and the minutes taken.
+held-out test split, plus the same evaluation of an untrained model for comparison, then retrieval
+and zero-shot shape classification (stage 1) and QA (stage 2) on the same split. Each step is the
+command a user would type (train.py / evaluate.py with the YAMLs in projects/embedded/).
+The last line printed is a JSON object: held-out caption metrics, the untrained model's beside them,
+the understanding tasks' metrics, and the minutes taken.
 
     .venv/bin/python scripts/run_embedded_default.py [--output-dir output/embedded]
 """
@@ -33,9 +34,16 @@ def step(name, script, cfg, options):
     print(f"   {name} done in {time.time() - started:.0f} s", flush=True)
 
 
+def read_metrics(out, job):
+    with open(os.path.join(out, job, "metrics.json")) as f:
+        return json.load(f)["test"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="output/embedded")
+    parser.add_argument("--captions-only", action="store_true",
+                        help="skip the retrieval, zero-shot and QA evaluations")
     args = parser.parse_args()
     out = os.path.abspath(os.path.join(ROOT, args.output_dir))
     started = time.time()
@@ -49,9 +57,16 @@ def main():
          common + ["run.job_id=eval", f"model.finetuned={stage2}"])
     step("evaluation of an untrained model", "evaluate.py", "projects/embedded/caption_eval.yaml",
          common + ["run.job_id=eval_untrained", "model.finetuned=null"])
-    trained = json.load(open(os.path.join(out, "eval", "metrics.json")))["test"]
-    untrained = json.load(open(os.path.join(out, "eval_untrained", "metrics.json")))["test"]
-    summary = {"split": "test (held-out shape x colour pairs)", **trained, "untrained": untrained,
+    understanding = {}
+    for job, cfg, checkpoint in (("retrieval_eval", "retrieval_eval.yaml", stage1),
+                                 ("zeroshot_eval", "zeroshot_eval.yaml", stage1),
+                                 ("qa_eval", "qa_eval.yaml", stage2)):
+        if not args.captions_only:
+            step(job.replace("_", " "), "evaluate.py", f"projects/embedded/{cfg}",
+                 common + [f"run.job_id={job}", f"model.finetuned={checkpoint}"])
+            understanding[job] = read_metrics(out, job)
+    summary = {"split": "test (held-out shape x colour pairs)", **read_metrics(out, "eval"),
+               "untrained": read_metrics(out, "eval_untrained"), **understanding,
                "minutes": round((time.time() - started) / 60, 1)}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
