@@ -10,7 +10,9 @@ OPT = dict(hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=1, num_atte
 
 
 def small_stage1(**kw):
-    return PointQFormer(embed_dim=16, point_encoder_cfg=ENCODER, qformer_cfg=QFORMER, num_query_token=4, **kw)
+    args = dict(embed_dim=16, point_encoder_cfg=ENCODER, qformer_cfg=QFORMER, num_query_token=4)
+    args.update(kw)
+    return PointQFormer(**args)
 
 
 def small_stage2(**kw):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import lavis_point  # noqa: F401
@@ -106,3 +107,25 @@ def test_similarity_api_ranks_the_matching_text_first_after_training():
         sim = model.point_text_similarity(point_feats, model.encode_text(data["text_input"]))
     assert sim.shape == (4, 4)
     assert (sim.argmax(dim=1) == torch.arange(4)).all()
+
+
+def test_mean_text_pooling_tells_captions_apart_where_minilm_cls_cannot():
+    """The shipped MiniLM was trained with mean pooling: its [CLS] output is one vector for every
+    caption, so the embedded default pools the mean (``text_pooling: mean``)."""
+    qformer = dict(hidden_size=384, num_layers=4, num_heads=12, intermediate_size=1536, encoder_width=32)
+    texts = ["a small red cube", "a small red sphere", "a small blue cube"]
+    cos = {}
+    for pooling in ("cls", "mean"):
+        model = small_stage1(qformer_cfg=qformer, qformer_init="minilm", text_pooling=pooling, embed_dim=384).eval()
+        with torch.no_grad():  # an identity projection: compare what is pooled
+            model.text_proj.weight.copy_(torch.eye(384))
+            model.text_proj.bias.zero_()
+            feats = model.encode_text(texts)
+        cos[pooling] = (feats @ feats.T)[0, 1:]
+    assert (cos["cls"] > 0.999).all()
+    assert (cos["mean"] < 0.97).all()
+
+
+def test_unknown_text_pooling_is_refused():
+    with pytest.raises(ValueError, match="text_pooling"):
+        small_stage1(text_pooling="max")

@@ -41,8 +41,15 @@ class PointQFormer(PointQueryModel):
     # BLIP-2 (image) files have no point encoder or point projection.
     PRETRAINED_OPTIONAL = ("point_encoder.", "pc_projection")
 
-    def __init__(self, embed_dim=256, max_txt_len=32, itg_delay_steps=0, global_itc_weight=0.0, **base):
+    def __init__(self, embed_dim=256, max_txt_len=32, itg_delay_steps=0, global_itc_weight=0.0,
+                 text_pooling="cls", **base):
         super().__init__(**base)
+        if text_pooling not in ("cls", "mean"):
+            raise ValueError(f"text_pooling must be 'cls' or 'mean', got {text_pooling!r}")
+        # A sentence-transformers BERT (the shipped MiniLM) was trained with mean pooling: its [CLS]
+        # output is the same vector for every text (cosine 1.0 between any two captions), so a
+        # contrastive loss on it starts blind; the token mean already tells "cube" from "sphere".
+        self.text_pooling = text_pooling
         # The generation loss joins after this many optimiser steps (0: from the start, as BLIP-2).
         # With a randomly initialised point encoder its early gradients, shared through the
         # Q-Former, pull the queries to one constant before contrastive learning can start.
@@ -61,7 +68,8 @@ class PointQFormer(PointQueryModel):
     def from_config(cls, cfg):
         model = cls(embed_dim=cfg.get("embed_dim", 256), max_txt_len=cfg.get("max_txt_len", 32),
                     itg_delay_steps=cfg.get("itg_delay_steps", 0),
-                    global_itc_weight=cfg.get("global_itc_weight", 0.0), **cls.base_kwargs(cfg))
+                    global_itc_weight=cfg.get("global_itc_weight", 0.0),
+                    text_pooling=cfg.get("text_pooling", "cls"), **cls.base_kwargs(cfg))
         model.load_pretrained_from_config(cfg)
         return model
 
@@ -82,10 +90,16 @@ class PointQFormer(PointQueryModel):
         return queries, point_tokens, F.normalize(self.point_proj(queries), dim=-1)
 
     def encode_text(self, texts_or_tokens):
-        """Texts (or tokenizer output) -> normalised [CLS] features (B, D)."""
+        """Texts (or tokenizer output) -> normalised text features (B, D): the [CLS] output (BLIP-2), or
+        with ``text_pooling: mean`` the mean over the text's tokens."""
         tokens = self.tokenize(texts_or_tokens) if isinstance(texts_or_tokens, (list, tuple)) else texts_or_tokens
-        hidden = self.Qformer(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+        hidden = self.Qformer(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)  # (B, L, H)
+        if self.text_pooling == "mean":
+            mask = tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+        else:
+            pooled = hidden[:, 0]
+        return F.normalize(self.text_proj(pooled), dim=-1)
 
     @staticmethod
     def point_text_similarity(point_feats, text_feats):
