@@ -58,13 +58,12 @@ def main():
     step("evaluation of an untrained model", "evaluate.py", "projects/embedded/caption_eval.yaml",
          common + ["run.job_id=eval_untrained", "model.finetuned=null"])
     understanding = {}
-    for job, cfg, checkpoint in (("retrieval_eval", "retrieval_eval.yaml", stage1),
-                                 ("zeroshot_eval", "zeroshot_eval.yaml", stage1),
-                                 ("qa_eval", "qa_eval.yaml", stage2)):
-        if not args.captions_only:
-            step(job.replace("_", " "), "evaluate.py", f"projects/embedded/{cfg}",
-                 common + [f"run.job_id={job}", f"model.finetuned={checkpoint}"])
-            understanding[job] = read_metrics(out, job)
+    evaluations = () if args.captions_only else (("retrieval_eval", stage1), ("zeroshot_eval", stage1),
+                                                 ("qa_eval", stage2))
+    for job, checkpoint in evaluations:
+        step(job.replace("_", " "), "evaluate.py", f"projects/embedded/{job}.yaml",
+             common + [f"run.job_id={job}", f"model.finetuned={checkpoint}"])
+        understanding[job] = read_metrics(out, job)
     summary = {"split": "test (held-out shape x colour pairs)", **read_metrics(out, "eval"),
                "untrained": read_metrics(out, "eval_untrained"), **understanding,
                "minutes": round((time.time() - started) / 60, 1)}
