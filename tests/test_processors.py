@@ -134,3 +134,19 @@ def test_float16_clouds_from_shards_are_accepted():
     a = PointEvalProcessor.from_config({"num_points": 2048})(c.astype(np.float16))
     b = PointEvalProcessor.from_config({"num_points": 2048})(c)
     assert torch.allclose(a, b, atol=5e-3)
+
+
+def test_float16_is_read_exactly_and_inf_or_nan_marks_the_cloud_bad():
+    halfs = np.arange(2 ** 16, dtype=np.uint16).view(np.float16)
+    finite = halfs[np.isfinite(halfs)]  # every finite float16: subnormals, zeros, the largest
+    xyz = np.zeros(-(-len(finite) // 3) * 3, np.float16)
+    xyz[:len(finite)] = finite
+    c = np.concatenate([xyz.reshape(-1, 3), np.zeros((len(xyz) // 3, 3), np.float16)], axis=1)
+    processor = PointEvalProcessor.from_config({"num_points": len(c), "normalize": False})
+    out, ok = processor.batch(c[None])
+    assert ok[0] and np.array_equal(out[0, :, :3].numpy(), c[:, :3].astype(np.float32))
+    for bad in (np.inf, -np.inf, np.nan):
+        c[5, 1] = bad
+        assert not processor.batch(c[None])[1][0]
+        with pytest.raises(PointCloudError):
+            processor(c)

@@ -5,9 +5,11 @@ cloud has none). Input rgb may be in [0, 1] or [0, 255] (detected by its maximum
 ``point_train`` adds augmentation, each part switchable: scale, shift, rotation about the up (z)
 axis, point dropout. ``point_eval`` is deterministic: the same cloud always gives the same tensor.
 
-``processor.batch(clouds)`` does the same for a (B, N, 6) stack in one compiled pass per cloud
-(datasets call it for a batch of shard rows); ``processor(cloud)`` is that path with B = 1, so one
-item and a batch agree exactly when the draws agree (a seed, or no augmentation).
+``processor.batch(clouds)`` does the same for a (B, N, 6) stack, one compiled kernel call per batch;
+``processor.batch_from(parts, count)`` takes the batch's clouds where they lie (rows of memory-mapped
+float16 shards: the kernel reads and converts them straight into the batch tensor, no copy before).
+``processor(cloud)`` is that path with B = 1, so one item and a batch agree exactly when the draws
+agree (a seed, or no augmentation).
 """
 import math
 
@@ -16,6 +18,9 @@ import numpy as np
 import torch
 from lavis.common.registry import registry
 from lavis.processors.base_processor import BaseProcessor
+from llvmlite import ir as llvm_ir
+from numba import types
+from numba.extending import intrinsic, overload
 
 from lavis_point.data_io.clouds import PointCloudError, as_cloud  # noqa: F401  (PointCloudError: re-exported)
 
@@ -34,36 +39,93 @@ def resample(cloud: np.ndarray, num_points: int, rng) -> np.ndarray:
     return cloud[resample_index(cloud.shape[0], num_points, rng)]
 
 
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 ``bits``."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llvm_ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+def _as_float32(value):
+    """A stored value as float32 (compiled only: see its overload)."""
+    raise NotImplementedError
+
+
+@overload(_as_float32)
+def _as_float32_overload(value):
+    if value == types.uint16:  # float16 bits: numba has no float16 on the CPU
+        def from_half(value):
+            h = np.uint32(value)
+            bits = (h & np.uint32(0x7FFF)) << np.uint32(13)  # exponent and mantissa in float32's places
+            f = _float32_from_bits(bits) * np.float32(2.0 ** 112)  # rebias the exponent; exact, subnormals too
+            if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):  # inf and NaN keep their payload
+                f = _float32_from_bits(bits | np.uint32(0x7F800000))
+            return -f if h & np.uint32(0x8000) else f
+        return from_half
+    return lambda value: np.float32(value)
+
+
 # Only reassociation and FMA contraction: the sums vectorise, and NaN/inf still reach them, which is
 # how a batch finds clouds to send back through the validating per-item path. Centring, radius and
 # transform are float64: a float32 cloud may span float32's whole range, where differences and
 # squares would overflow or underflow in float32.
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _transform(x, start, normalize, matrix, offset, out, sums):
-    """x (B, N, 6) float32 -> out (B, N, 6): xyz centred and scaled to the unit sphere (if
-    ``normalize``), then @ matrix[b] + offset[b]; rgb (0-255 when its maximum exceeds 1) clipped to
-    [0, 1] and mapped to [-1, 1]; rows rolled so that out[b, 0] is x[b, start[b]].
-    sums (B, 6) float64: each channel's sum (non-finite = bad cloud).
-    Three passes over one cloud at a time, so the second and third read it from cache."""
+_FASTMATH = {"reassoc", "contract"}
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _copy_counting(src, dst, sums, peaks):
+    """dst[k] = src[k] as float32 over flat rows of 6 channels; sums[k % 48] += it (float64) and
+    peaks[k % 48] = max. Blocks of 48 values (8 points) keep the loop one vectorisable stream."""
+    m = src.shape[0]
+    full = m - m % 48
+    src_blocks, dst_blocks = src[:full].reshape((full // 48, 48)), dst[:full].reshape((full // 48, 48))
+    for r in range(src_blocks.shape[0]):
+        for k in range(48):
+            v = _as_float32(src_blocks[r, k])
+            dst_blocks[r, k] = v
+            sums[k] += v
+            peaks[k] = max(peaks[k], v)
+    for k in range(full, m):
+        v = _as_float32(src[k])
+        dst[k] = v
+        sums[k - full] += v
+        peaks[k - full] = max(peaks[k - full], v)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _transform(x, rows, dest, start, normalize, matrix, offset, out, sums):
+    """Cloud x[rows[j]] -> out[dest[j]] for each j; x (M, N, 6) float32, or float16 as its uint16 bits
+    (read straight from a memory-mapped shard: no copy, no conversion pass), out (B, N, 6) float32.
+    xyz centred and scaled to the unit sphere (if ``normalize``), then @ matrix[b] + offset[b]; rgb
+    (0-255 when its maximum exceeds 1) clipped to [0, 1] and mapped to [-1, 1]; rows rolled so that
+    out[b, 0] is the cloud's row start[b]. sums (B, 6) float64: each channel's sum (non-finite = bad
+    cloud). Three passes per cloud: the first reads the source into out, the other two stay in cache."""
     n = x.shape[1]
     lo, hi = np.float32(0), np.float32(1)
-    for b in range(x.shape[0]):
-        s0 = s1 = s2 = s3 = s4 = s5 = 0.0
+    block_sums, block_peaks = np.empty(48), np.empty(48, np.float32)
+    for j in range(len(rows)):
+        b, s = dest[j], start[dest[j]]
+        src, y = x[rows[j]].reshape(-1), out[b]
+        dst = y.reshape(-1)
+        block_sums[:] = 0.0
+        block_peaks[:] = -np.inf
+        # source row i goes to output row i - s, wrapped: two runs of consecutive rows
+        _copy_counting(src[6 * s:], dst[:6 * (n - s)], block_sums, block_peaks)
+        _copy_counting(src[:6 * s], dst[6 * (n - s):], block_sums, block_peaks)
         peak = np.float32(-np.inf)
-        for i in range(n):
-            s0 += x[b, i, 0]
-            s1 += x[b, i, 1]
-            s2 += x[b, i, 2]
-            s3 += x[b, i, 3]
-            s4 += x[b, i, 4]
-            s5 += x[b, i, 5]
-            peak = max(peak, max(x[b, i, 3], max(x[b, i, 4], x[b, i, 5])))
-        sums[b, 0], sums[b, 1], sums[b, 2], sums[b, 3], sums[b, 4], sums[b, 5] = s0, s1, s2, s3, s4, s5
-        mx, my, mz, inv = (s0 / n, s1 / n, s2 / n, 1.0) if normalize else (0.0, 0.0, 0.0, 1.0)
+        for c in range(6):
+            total = 0.0
+            for k in range(c, 48, 6):
+                total += block_sums[k]
+                if c >= 3:
+                    peak = max(peak, block_peaks[k])
+            sums[b, c] = total
+        mx, my, mz, inv = (sums[b, 0] / n, sums[b, 1] / n, sums[b, 2] / n, 1.0) if normalize else (0.0, 0.0, 0.0, 1.0)
         if normalize:
             r2 = 0.0
             for i in range(n):
-                dx, dy, dz = x[b, i, 0] - mx, x[b, i, 1] - my, x[b, i, 2] - mz
+                dx, dy, dz = y[i, 0] - mx, y[i, 1] - my, y[i, 2] - mz
                 r2 = max(r2, dx * dx + dy * dy + dz * dz)
             if r2 > 0:
                 inv = 1.0 / math.sqrt(r2)
@@ -72,22 +134,32 @@ def _transform(x, start, normalize, matrix, offset, out, sums):
         a00, a01, a02, a10, a11, a12, a20, a21, a22 = a[0, 0], a[0, 1], a[0, 2], a[1, 0], a[1, 1], a[1, 2], \
             a[2, 0], a[2, 1], a[2, 2]
         t0, t1, t2 = np.float64(offset[b, 0]), np.float64(offset[b, 1]), np.float64(offset[b, 2])
-        # input row i goes to output row i - start[b], wrapped: two runs of consecutive rows
-        for first, last, to in ((start[b], n, 0), (0, start[b], n - start[b])):
-            for i in range(first, last):
-                o = i - first + to
-                dx, dy, dz = x[b, i, 0] - mx, x[b, i, 1] - my, x[b, i, 2] - mz
-                out[b, o, 0] = dx * a00 + dy * a10 + dz * a20 + t0
-                out[b, o, 1] = dx * a01 + dy * a11 + dz * a21 + t1
-                out[b, o, 2] = dx * a02 + dy * a12 + dz * a22 + t2
-            if peak > 1:  # rgb stored as 0-255
-                for i in range(first, last):
-                    for c in range(3, 6):
-                        out[b, i - first + to, c] = min(max(x[b, i, c] / np.float32(255), lo), hi) * np.float32(2) - hi
-            else:  # no division in the common case
-                for i in range(first, last):
-                    for c in range(3, 6):
-                        out[b, i - first + to, c] = min(max(x[b, i, c], lo), hi) * np.float32(2) - hi
+        colour = np.float32(1) / np.float32(255) if peak > 1 else np.float32(1)  # rgb stored as 0-255, or 0-1
+        for i in range(n):
+            dx, dy, dz = y[i, 0] - mx, y[i, 1] - my, y[i, 2] - mz
+            y[i, 0] = dx * a00 + dy * a10 + dz * a20 + t0
+            y[i, 1] = dx * a01 + dy * a11 + dz * a21 + t1
+            y[i, 2] = dx * a02 + dy * a12 + dz * a22 + t2
+            y[i, 3] = min(max(y[i, 3] * colour, lo), hi) * np.float32(2) - hi
+            y[i, 4] = min(max(y[i, 4] * colour, lo), hi) * np.float32(2) - hi
+            y[i, 5] = min(max(y[i, 5] * colour, lo), hi) * np.float32(2) - hi
+
+
+def _kernel_input(clouds, rows, positions):
+    """(clouds, rows, positions) as the kernel takes them: float16 or float32 C-contiguous clouds
+    (other dtypes, or a strided array, become a float32 copy of just the rows asked for), int64 indices."""
+    clouds = np.asarray(clouds)
+    if clouds.ndim != 3 or clouds.shape[2] != 6 or clouds.shape[1] == 0:
+        raise PointCloudError(f"expected (B, N, 6) clouds, got shape {clouds.shape}")
+    rows, positions = np.asarray(rows, np.int64), np.asarray(positions, np.int64)
+    if len(rows) != len(positions):
+        raise ValueError(f"{len(rows)} rows for {len(positions)} batch positions")
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(clouds)):  # the kernel does not check
+        raise IndexError(f"rows {rows.min()}..{rows.max()} asked of {len(clouds)} clouds")
+    if clouds.dtype not in (np.float16, np.float32) or not clouds.flags.c_contiguous:
+        clouds = np.ascontiguousarray(clouds[rows], dtype=np.float32)
+        rows = np.arange(len(rows))
+    return clouds, rows, positions
 
 
 class PointProcessor(BaseProcessor):
@@ -108,44 +180,52 @@ class PointProcessor(BaseProcessor):
             if finite[0]:
                 return out[0]
         cloud = as_cloud(array)  # validates (errors say why) and makes (N, 6) float32
-        return self._process(cloud[None], self._rng(), 1)[0]
+        return self.batch(cloud[None])[0][0]
 
-    def batch(self, clouds):
-        """(B, N, 6) clouds (float16 or float32) -> ((B, num_points, 6) tensor, finite (B,) bool).
-        Each cloud gets its own draws. A cloud with NaN or inf comes out as garbage with
-        ``finite[b] = False``: send it through ``processor(cloud)`` for the error."""
-        clouds = np.asarray(clouds)
-        if clouds.ndim != 3 or clouds.shape[2] != 6 or clouds.shape[1] == 0:
-            raise PointCloudError(f"expected a (B, N, 6) batch of clouds, got shape {clouds.shape}")
-        if clouds.dtype == np.float16:  # torch converts with the CPU's half-precision instructions
-            clouds = torch.from_numpy(np.require(clouds, requirements="W")).float().numpy()  # (a map is read-only)
-        clouds = np.ascontiguousarray(clouds, dtype=np.float32)
-        sums = np.empty((len(clouds), 6))
-        out = self._process(clouds, self._rng(), len(clouds), sums)
-        # the kernel's sums cover every point only when no resampling came first
-        finite = np.isfinite(sums).all(axis=1) if clouds.shape[1] == self.num_points \
-            else np.isfinite(clouds).all(axis=(1, 2))
-        return out, finite
+    def batch(self, clouds, out=None):
+        """(B, N, 6) clouds -> ((B, num_points, 6) tensor, finite (B,) bool): ``batch_from`` over one array."""
+        rows = np.arange(len(clouds))
+        return self.batch_from([(clouds, rows, rows)], len(rows), out)
 
-    def _process(self, x, rng, count, sums=None):
-        """x (B, N, 6) float32 -> (B, num_points, 6). With a seed every cloud gets the seed's draws,
-        as when each is processed alone."""
-        draws = self._draws(rng, x.shape[1], 1 if self.seed is not None else count)
-        if self.seed is not None:
+    def batch_from(self, parts, count, out=None):
+        """A batch of ``count`` clouds taken where they lie: each part ``(clouds, rows, positions)``,
+        clouds an (M, N, 6) array (a memory-mapped shard, say), puts clouds[rows[k]] at batch
+        position positions[k]. The kernel reads the rows straight into the batch (float16 converted as
+        it goes; rows in ascending order read a shard front to back). -> ((count, num_points, 6)
+        float32 tensor, finite (count,) bool); the tensor is ``out`` when given, so a caller can
+        choose where the batch lives. Each cloud gets its own draws. A cloud with NaN or inf comes
+        out as garbage with ``finite[b] = False``: send it through ``processor(cloud)`` for the error."""
+        parts = [_kernel_input(*part) for part in parts]
+        sizes = {clouds.shape[1] for clouds, _, _ in parts}
+        if len(sizes) != 1:
+            raise PointCloudError(f"clouds of one batch must have one size, got {sorted(sizes)} points")
+        n = sizes.pop()
+        if not np.array_equal(np.sort(np.concatenate([positions for _, _, positions in parts])), np.arange(count)):
+            raise ValueError(f"the parts must fill each of the {count} batch positions once")  # the kernel trusts them
+        if out is None:
+            out = torch.empty((count, self.num_points, 6))
+        elif out.shape != (count, self.num_points, 6) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out: expected a contiguous float32 tensor of shape {(count, self.num_points, 6)}, "
+                             f"got {out.dtype} {tuple(out.shape)}")
+        draws = self._draws(self._rng(), n, 1 if self.seed is not None else count)
+        if self.seed is not None:  # every cloud gets the seed's draws, as when each is processed alone
             draws = {k: None if v is None else np.ascontiguousarray(np.broadcast_to(v, (count,) + v.shape[1:]))
                      for k, v in draws.items()}
-        if draws["rows"] is not None:
-            x = x[np.arange(count)[:, None], draws["rows"]]  # (B, num_points, 6)
-        out = np.empty(x.shape, np.float32)
         start = np.zeros(count, np.int64) if draws["start"] is None else draws["start"]
-        _transform(x, start, self.normalize, draws["matrix"], draws["offset"], out,
-                   np.empty((count, 6)) if sums is None else sums)
-        out = torch.from_numpy(out)
+        target, sums, finite = out.numpy(), np.empty((count, 6)), np.empty(count, bool)
+        for clouds, rows, positions in parts:
+            if draws["rows"] is not None:  # resampled first, so the kernel's sums do not see every point
+                finite[positions] = np.isfinite(clouds[rows]).all(axis=(1, 2))
+                clouds, rows = clouds[rows[:, None], draws["rows"][positions]], np.arange(len(rows))
+            _transform(clouds.view(np.uint16) if clouds.dtype == np.float16 else clouds, rows, positions, start,
+                       self.normalize, draws["matrix"], draws["offset"], target, sums)
+        if draws["rows"] is None:
+            finite = np.isfinite(sums).all(axis=1)
         if draws["drop"] is not None:
             # Dropped points become copies of the first point, colour included (PointNet++'s trick):
             # the shape stays fixed.
-            out = torch.where(torch.from_numpy(np.ascontiguousarray(draws["drop"]))[..., None], out[:, :1], out)
-        return out
+            np.copyto(target, target[:, :1].copy(), where=draws["drop"][..., None])
+        return out, finite
 
     def _draws(self, rng, n, count):
         """Every random choice for ``count`` clouds of n points, each its own: resampling (rows, or
