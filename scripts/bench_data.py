@@ -9,8 +9,10 @@ Each pass visits every item once in one shuffled order, as training does:
   num_workers=0, the dataset's collater) over the dataset with ``__getitems__`` hidden, so every item
   is read and processed alone (how training read before batched reads);
 - "loader, batched": the same DataLoader over the dataset itself, as training reads it now: torch
-  passes each batch's indices to ``__getitems__``; shards read the batch's rows in one sorted read per
-  shard file, pickles still open and unpickle one file per cloud; both process the batch in one call.
+  passes each batch's indices to ``__getitems__``; pickles still open and unpickle one file per
+  cloud, shards are read by the processor's kernel itself, each shard's rows in file order straight
+  from the memory map; both are processed in one kernel call into one batch tensor, which the
+  collater returns whole.
 "cold" passes first evict every file from the page cache (posix_fadvise DONTNEED), as when a dataset
 is larger than memory; "warm" passes reread what is cached. Each measurement is the median of
 --repeats passes, pickles and shards alternating (the machine may be shared). torch runs on one thread, as in a
@@ -37,6 +39,7 @@ from lavis.common.registry import registry  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from lavis_point.data_io.convert import convert_split  # noqa: E402
+from lavis_point.datasets.batching import PerItem  # noqa: E402
 from lavis_point.datasets.cap3d import locate_clouds, read_annotations  # noqa: E402
 
 
@@ -74,19 +77,6 @@ def dataset(root, source):
     return registry.get_builder_class("cap3d_point_caption")(cfg).build_datasets()["train"]
 
 
-class PerItem(torch.utils.data.Dataset):
-    """The dataset with ``__getitems__`` hidden: a DataLoader then fetches item by item."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return self.dataset[i]
-
-
 def rate(ds, order, what, batch_size):
     started = time.perf_counter()
     if what == "read":
@@ -101,22 +91,25 @@ def rate(ds, order, what, batch_size):
 
 
 def stages(ds, order, batch_size, repeats):
-    """Microseconds per cloud of a warm batched pass: in all (a loader pass), reading the batches'
-    clouds, processing them, and the rest (items, captions, collate). Medians over ``repeats``, the
-    parts timed right beside the whole."""
+    """Microseconds per cloud of a warm batched pass: in all (a loader pass); finding the batches'
+    clouds (``parts_of``: for pickles the file reads, open + restricted unpickle + validation; for
+    shards only grouping the index entries by shard file); the processor's kernel (``batch_from``:
+    for shards it also reads the rows from the memory map, converting float16 as it goes); and the
+    rest (items, captions, collate). Medians over ``repeats``, the parts timed right beside the whole."""
     runs = []
     for _ in range(repeats):
-        read = process = 0.0
+        find = kernel = 0.0
         for start in range(0, len(order), batch_size):
             anns = [ds.annotations[i] for i in order[start:start + batch_size]]
             t0 = time.perf_counter()
-            clouds = ds.clouds_of(anns)
+            parts = ds.parts_of(anns)
             t1 = time.perf_counter()
-            ds.vis_processor.batch(clouds)
-            read, process = read + t1 - t0, process + time.perf_counter() - t1
+            ds.vis_processor.batch_from(parts, len(anns))
+            find, kernel = find + t1 - t0, kernel + time.perf_counter() - t1
         total = len(order) / rate(ds, order, "batched", batch_size)
-        runs.append((total, read, process, total - read - process))
-    names = ("total", "read", "process", "rest (items, captions, collate)")
+        runs.append((total, find, kernel, total - find - kernel))
+    names = ("total", "find clouds (pickles: read files)", "kernel (shards: read rows too)",
+             "rest (items, captions, collate)")
     return {name: round(float(np.median([r[k] for r in runs])) / len(order) * 1e6, 1) for k, name in enumerate(names)}
 
 

@@ -14,8 +14,9 @@ from lavis.processors.blip_processors import BlipCaptionProcessor
 from torch.utils.data import DataLoader, Dataset
 
 import lavis_point  # noqa: F401
-from lavis_point.data_io.shards import ShardedClouds, read_rows, shard_name
+from lavis_point.data_io.shards import ShardedClouds, rows_in_file_order, shard_name
 from lavis_point.datasets.batched_concat import BatchedConcatDataset, with_batched_reads
+from lavis_point.datasets.batching import PerItem, batch_tensor, collate, whole_of
 from lavis_point.datasets.cap3d import CloudFiles
 from lavis_point.datasets.point_caption import PointCaptionDataset
 from lavis_point.processors.point_processors import PointEvalProcessor, PointTrainProcessor
@@ -42,19 +43,6 @@ def sharded(folder, n_per_shard=(5, 7), processor=None, is_train=True):
                                is_train)
 
 
-class PerItem(Dataset):
-    """The same dataset without ``__getitems__``: the DataLoader fetches item by item."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return self.dataset[i]
-
-
 def batches(dataset, batch_size=4):
     np.random.seed(0)  # caption choice draws from numpy's stream, as in a seeded run
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(1),
@@ -71,15 +59,25 @@ def assert_same_batches(a, b):
         assert x["skipped"] == y["skipped"]
 
 
-def test_read_rows_returns_rows_in_the_order_asked():
+def test_rows_are_read_in_file_order_and_put_back_where_asked():
     shard = np.arange(10 * 2 * 6, dtype=np.float16).reshape(10, 2, 6)
-    assert np.array_equal(read_rows(shard, [7, 2, 9, 2, 0]), shard[[7, 2, 9, 2, 0]])
+    _, rows, positions = rows_in_file_order(shard, [7, 2, 9, 2, 0], range(5))
+    assert rows.tolist() == [0, 2, 2, 7, 9]
+    batch = np.empty((5, 2, 6), np.float16)
+    batch[positions] = shard[rows]
+    assert np.array_equal(batch, shard[[7, 2, 9, 2, 0]])
 
 
-def test_sharded_rows_gather_across_shard_files_in_entry_order(tmp_path):
+def test_sharded_parts_gather_across_shard_files_in_entry_order(tmp_path):
     dataset = sharded(tmp_path)
     picked = [dataset.annotations[i] for i in (9, 0, 6, 4, 11)]
-    assert np.array_equal(dataset.points.rows(picked), np.stack([dataset.points[e] for e in picked]))
+    parts = dataset.points.parts(picked)
+    assert len(parts) == 2  # one per shard file, rows in file order
+    batch = np.empty((5, P, 6), np.float16)
+    for shard, rows, positions in parts:
+        assert list(rows) == sorted(rows)
+        batch[positions] = shard[rows]
+    assert np.array_equal(batch, np.stack([dataset.points[e] for e in picked]))
 
 
 def test_training_batches_from_shards_equal_the_per_item_path(tmp_path):
@@ -184,3 +182,56 @@ def test_a_full_size_cloud_keeps_its_points_rolled_to_a_random_start():
         assert torch.equal(out, torch.roll(plain, -start, dims=0))
         starts.add(start)
     assert len(starts) > 4
+
+
+def test_batch_from_puts_each_cloud_where_asked_with_that_positions_draws():
+    a, b = clouds(3).astype(np.float16), clouds(2, seed=1).astype(np.float16)
+    processor = PointTrainProcessor.from_config({"num_points": P, "dropout": 0.2})
+    np.random.seed(0)  # the processor's draws come from numpy's stream
+    out, finite = processor.batch_from([(a, [0, 2], [3, 1]), (b, [1], [0]), (a, [1], [2])], 4)
+    np.random.seed(0)
+    stacked, _ = processor.batch(np.stack([b[1], a[2], a[1], a[0]]))
+    assert finite.all() and torch.equal(out, stacked)
+    with pytest.raises(ValueError, match="each of the 4 batch positions once"):
+        processor.batch_from([(a, [0, 2], [3, 1]), (b, [1], [0])], 4)
+    with pytest.raises(IndexError, match="asked of 3 clouds"):
+        processor.batch_from([(a, [0, 3], [0, 1])], 2)
+
+
+def test_a_batch_of_shard_rows_is_collated_without_a_copy(tmp_path):
+    dataset = sharded(tmp_path)
+    items = dataset.__getitems__([3, 8, 0, 11])
+    for collater in (dataset.collater, ConcatDataset([dataset]).collater):  # the runner calls LAVIS's
+        batch = collater([dict(it) for it in items])
+        assert batch["point"].data_ptr() == items[0]["point"].data_ptr()  # the kernel's tensor, not a stack
+        assert all(torch.equal(batch["point"][k], it["point"]) for k, it in enumerate(items))
+        assert batch["instance_id"] == ["s0_3", "s1_3", "s0_0", "s1_6"]
+
+
+def test_only_every_row_of_one_tensor_in_order_is_taken_whole():
+    t = torch.arange(12.0).view(4, 3)
+    assert whole_of(list(t)).data_ptr() == t.data_ptr() and torch.equal(whole_of(list(t)), t)
+    for rows in ([t[1], t[0], t[2], t[3]], list(t[:3]), [t[0], t[1].clone(), t[2], t[3]]):
+        assert whole_of(rows) is None
+        assert torch.equal(collate([{"x": r} for r in rows])["x"], torch.stack(rows))  # stacked, as default
+
+
+class IsShared(Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return batch_tensor((2, 3)).is_shared()
+
+
+def test_a_batch_made_in_a_loader_worker_lives_in_shared_memory():
+    assert not batch_tensor((2, 3)).is_shared()
+    assert list(DataLoader(IsShared(), batch_size=None, num_workers=1)) == [True]  # sent on without a copy
+
+
+def test_training_draws_only_usable_captions_each_equally_often():
+    entry = {"id": "a", "index": 0, "captions": ["  ", "one", "", "two"]}
+    dataset = PointCaptionDataset(clouds(1).astype(np.float16), [entry], None, BlipCaptionProcessor(), True)
+    np.random.seed(0)
+    drawn = [dataset.caption_of(entry) for _ in range(2000)]
+    assert set(drawn) == {"one", "two"} and abs(drawn.count("one") - 1000) < 100

@@ -20,14 +20,12 @@ def shard_name(split, number):
     return f"{split}_points_{number:05d}.npy"
 
 
-def read_rows(shard, index) -> np.ndarray:
-    """shard[index] for many rows in one read: the rows are fetched in file order (sequential on disk,
-    one fancy index) and returned in the order asked. (len(index), P, 6)."""
-    index = np.asarray(index, dtype=np.int64)
-    order = np.argsort(index, kind="stable")
-    rows = np.empty((len(index),) + shard.shape[1:], shard.dtype)
-    rows[order] = shard[index[order]]
-    return rows
+def rows_in_file_order(shard, rows, positions):
+    """(shard, rows, positions) sorted by row: a kernel reading the rows in this order reads the file
+    front to back. positions[k] is where rows[k] goes in the batch."""
+    rows, positions = np.asarray(rows, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    return shard, rows[order], positions[order]
 
 
 class ShardedClouds:
@@ -50,18 +48,14 @@ class ShardedClouds:
     def __getitem__(self, entry):
         return self.shard(entry.get("shard", self.default))[entry["index"]]
 
-    def rows(self, entries) -> np.ndarray:
-        """The rows of many entries, in their order: one ``read_rows`` per shard file. (len, P, 6)."""
+    def parts(self, entries):
+        """Where the clouds of many entries lie: one (shard, rows, positions) per shard file, the rows
+        in file order, positions[k] the entry that rows[k] belongs to (what ``batch_from`` takes)."""
         by_shard = {}
         for k, entry in enumerate(entries):
             by_shard.setdefault(entry.get("shard", self.default), []).append(k)
-        out = None
-        for name, ks in by_shard.items():
-            shard = self.shard(name)
-            if out is None:
-                out = np.empty((len(entries),) + shard.shape[1:], shard.dtype)
-            out[ks] = read_rows(shard, [entries[k]["index"] for k in ks])  # ValueError if shards' shapes differ
-        return out
+        return [rows_in_file_order(self.shard(name), [entries[k]["index"] for k in ks], ks)
+                for name, ks in by_shard.items()]
 
     def __getstate__(self):  # memory maps are reopened, not pickled, when workers are spawned
         return {"folder": self.folder, "default": self.default, "_open": {}}

@@ -2,9 +2,9 @@
 
 LAVIS wraps every training set in its ConcatDataset (one or many), which has no ``__getitems__``, so
 torch's DataLoader would fetch item by item and a dataset's batched read (``PointCaptionDataset``:
-shard rows in one read per shard file, one processor call per batch) would never run in training.
-``with_batched_reads`` gives the wrapper one: each member dataset gets its share of the batch in one
-call, and the items come back in the batch's order.
+one processor kernel call reads the batch's shard rows into one batch tensor) would never run in
+training. ``with_batched_reads`` gives the wrapper one: each member dataset gets its share of the
+batch in one call, and the items come back in the batch's order.
 """
 import bisect
 

@@ -9,8 +9,9 @@ import json
 import numpy as np
 from torch.utils.data import Dataset
 
-from lavis_point.data_io.shards import read_rows
+from lavis_point.data_io.shards import rows_in_file_order
 from lavis_point.datasets.bad_samples import BAD_SAMPLE_ERRORS, collate_counting_skips, load_or_skip
+from lavis_point.datasets.batching import batch_tensor, collate
 
 
 def read_jsonl(path):
@@ -79,15 +80,19 @@ class PointCaptionDataset(Dataset):
         return load_or_skip(self.load, i, len(self), self.is_train, self.describe)
 
     def __getitems__(self, indices):
-        """A batch at once (torch's DataLoader calls this with a batch's indices): the clouds read
-        together (shard rows in one read per shard file; files still one by one) and processed in one
-        ``vis_processor.batch`` call. What cannot go that way (a read error, a bad cloud, no usable
-        caption) goes through the per-item path, which skips it as ``__getitem__`` does."""
-        batch = getattr(self.vis_processor, "batch", None)
-        if batch is None:
+        """A batch at once (torch's DataLoader calls this with a batch's indices): the processor's
+        kernel reads the batch's clouds where they lie (shard rows straight from the memory map, in
+        file order; files still one by one) into one batch tensor, whose rows become the items'
+        points (``batching.collate`` hands the tensor back whole). What cannot go that way (a read
+        error, a bad cloud, no usable caption) goes through the per-item path, which skips it as
+        ``__getitem__`` does."""
+        batch_from = getattr(self.vis_processor, "batch_from", None)
+        if batch_from is None:
             return [self[i] for i in indices]
+        anns = [self.annotations[i] for i in indices]
         try:
-            points, finite = batch(self.clouds_of([self.annotations[i] for i in indices]))
+            points, finite = batch_from(self.parts_of(anns), len(anns),
+                                        out=batch_tensor((len(anns), self.vis_processor.num_points, 6)))
         except BAD_SAMPLE_ERRORS:
             return [self[i] for i in indices]
         items = []
@@ -100,17 +105,31 @@ class PointCaptionDataset(Dataset):
     def load(self, i, point=None):
         """Item i; ``point``: its processed cloud when a batch made it already."""
         ann = self.annotations[i]
-        captions = [c for c in map(self.processed, self.captions_of(ann)) if c]
-        if not captions:
-            raise ValueError(f"no usable caption (empty, whitespace only, not text or not valid Unicode): "
-                             f"{self.captions_of(ann)!r:.200}")
-        caption = captions[np.random.randint(len(captions))] if self.is_train else captions[0]
+        caption = self.caption_of(ann)
         if point is None:
             point = self.vis_processor(np.asarray(self.cloud_of(ann)))  # float16 rows: the processor converts
         item = {"point": point, "text_input": caption, "instance_id": ann["id"]}
         if self.prompt is not None:
             item["prompt"] = self.prompt
         return item
+
+    def caption_of(self, ann):
+        """The item's processed caption. Training: one of the usable captions at random, uniformly
+        (a draw among all of them, then, only if that one is unusable, a draw among the usable ones:
+        with every caption usable, one caption processed, and no draw when there is only one);
+        evaluation: the first usable one. ValueError when none is usable."""
+        captions = self.captions_of(ann)
+        if self.is_train:
+            caption = self.processed(captions[np.random.randint(len(captions)) if len(captions) > 1 else 0])
+            if not caption:
+                usable = [c for c in map(self.processed, captions) if c]
+                caption = usable[np.random.randint(len(usable))] if usable else ""
+        else:
+            caption = next((c for c in map(self.processed, captions) if c), "")
+        if caption:
+            return caption
+        raise ValueError(f"no usable caption (empty, whitespace only, not text or not valid Unicode): "
+                         f"{captions!r:.200}")
 
     def processed(self, caption):
         """The processed caption, or "" when there is no usable text."""
@@ -125,17 +144,18 @@ class PointCaptionDataset(Dataset):
     def cloud_of(self, ann):
         return self.points[ann["index"]] if isinstance(self.points, np.ndarray) else self.points[ann]
 
-    def clouds_of(self, anns) -> np.ndarray:
-        """The clouds of many entries, (B, P, 6): shard rows in one read per shard file, per-object
-        files one by one (ValueError when their sizes differ)."""
+    def parts_of(self, anns):
+        """Where the clouds of many entries lie, as ``batch_from`` takes them: [(clouds, rows,
+        positions)], shard rows grouped by shard file in file order; per-object files read one by one,
+        each its own part (differing sizes: ValueError from the processor)."""
         if isinstance(self.points, np.ndarray):
-            return read_rows(self.points, [ann["index"] for ann in anns])
-        if hasattr(self.points, "rows"):
-            return self.points.rows(anns)
-        return np.stack([np.asarray(self.cloud_of(ann)) for ann in anns])
+            return [rows_in_file_order(self.points, [ann["index"] for ann in anns], range(len(anns)))]
+        if hasattr(self.points, "parts"):
+            return self.points.parts(anns)
+        return [(np.asarray(self.cloud_of(ann))[None], [0], [k]) for k, ann in enumerate(anns)]
 
     def collater(self, samples):
-        return collate_counting_skips(samples)
+        return collate_counting_skips(samples, collate)
 
     @property
     def references(self):
