@@ -41,10 +41,12 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x.contiguous())
 
 
-def contrastive_similarities(point_feats, text_feat, temp):
+def contrastive_similarities(point_feats, text_feat, temp, all_text=None):
     """point_feats (B, Q, D) and text_feat (B, D), both normalised -> (sim_p2t, sim_t2p), each
-    (B, world*B): the best-matching query decides a point cloud's similarity to a text (BLIP-2)."""
-    all_points, all_text = gather(point_feats), gather(text_feat)
+    (B, world*B): the best-matching query decides a point cloud's similarity to a text (BLIP-2).
+    ``all_text``: ``gather(text_feat)`` when the caller already has it (one gather for two terms)."""
+    all_points = gather(point_feats)
+    all_text = gather(text_feat) if all_text is None else all_text
     sim_p2t = torch.einsum("bqd,td->bqt", point_feats, all_text).max(dim=1).values / temp
     sim_t2p = torch.einsum("td,bqd->tbq", text_feat, all_points).max(dim=-1).values / temp
     return sim_p2t, sim_t2p

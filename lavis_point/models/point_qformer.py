@@ -23,6 +23,7 @@ from lavis.common.registry import registry
 from lavis_point.models.losses import (
     contrastive_loss,
     contrastive_similarities,
+    gather,
     sample_hard_negatives,
     world,
 )
@@ -123,7 +124,8 @@ class PointQFormer(PointQueryModel):
 
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        sim_p2t, sim_t2p = contrastive_similarities(point_feats, text_feat, self.temp)
+        all_text = gather(text_feat)  # once: the global term below compares with the same texts
+        sim_p2t, sim_t2p = contrastive_similarities(point_feats, text_feat, self.temp, all_text)
         loss_itc = contrastive_loss(sim_p2t, sim_t2p)
 
         # ITM: negatives come from this rank's batch; identical captions are never negatives.
@@ -154,7 +156,7 @@ class PointQFormer(PointQueryModel):
         if self.global_itc_weight > 0:
             global_feat = F.normalize(self.global_proj(point_tokens.max(dim=1).values), dim=-1)  # (B, D)
             losses["loss_global_itc"] = contrastive_loss(*contrastive_similarities(
-                global_feat.unsqueeze(1), text_feat, self.temp))
+                global_feat.unsqueeze(1), text_feat, self.temp, all_text))
 
         step = samples.get("epoch", 0) * samples.get("num_iters_per_epoch", 0) + samples.get("iters", 0)
         # While delayed, 0 * loss keeps the LM head in the graph: DDP fails on parameters without grads.
