@@ -135,14 +135,15 @@ def _transform(x, rows, dest, start, normalize, matrix, offset, out, sums):
             a[2, 0], a[2, 1], a[2, 2]
         t0, t1, t2 = np.float64(offset[b, 0]), np.float64(offset[b, 1]), np.float64(offset[b, 2])
         colour = np.float32(1) / np.float32(255) if peak > 1 else np.float32(1)  # rgb stored as 0-255, or 0-1
-        for i in range(n):
-            dx, dy, dz = y[i, 0] - mx, y[i, 1] - my, y[i, 2] - mz
-            y[i, 0] = dx * a00 + dy * a10 + dz * a20 + t0
-            y[i, 1] = dx * a01 + dy * a11 + dz * a21 + t1
-            y[i, 2] = dx * a02 + dy * a12 + dz * a22 + t2
-            y[i, 3] = min(max(y[i, 3] * colour, lo), hi) * np.float32(2) - hi
-            y[i, 4] = min(max(y[i, 4] * colour, lo), hi) * np.float32(2) - hi
-            y[i, 5] = min(max(y[i, 5] * colour, lo), hi) * np.float32(2) - hi
+        for i in range(n):  # flat indices 6 * i: a stride LLVM can see, so the loop vectorises
+            k = 6 * i
+            dx, dy, dz = dst[k] - mx, dst[k + 1] - my, dst[k + 2] - mz
+            dst[k] = dx * a00 + dy * a10 + dz * a20 + t0
+            dst[k + 1] = dx * a01 + dy * a11 + dz * a21 + t1
+            dst[k + 2] = dx * a02 + dy * a12 + dz * a22 + t2
+            dst[k + 3] = min(max(dst[k + 3] * colour, lo), hi) * np.float32(2) - hi
+            dst[k + 4] = min(max(dst[k + 4] * colour, lo), hi) * np.float32(2) - hi
+            dst[k + 5] = min(max(dst[k + 5] * colour, lo), hi) * np.float32(2) - hi
 
 
 def _kernel_input(clouds, rows, positions):
