@@ -84,7 +84,10 @@ class Layer(nn.Module):
         queries, text = x[:, :num_query], x[:, num_query:]
         if num_query and points is not None and hasattr(self, "crossattention"):
             queries = self.crossattention(queries, points, points_mask)
-        queries = self.output_query(self.intermediate_query(queries), queries)
+        # Text-only passes have no queries: running the query FFN on an empty tensor would still cost,
+        # in backward, a zero-filled weight gradient per matrix and its accumulation.
+        if queries.shape[1]:
+            queries = self.output_query(self.intermediate_query(queries), queries)
         if text.shape[1]:
             text = self.output(self.intermediate(text), text)
         return torch.cat([queries, text], dim=1)
