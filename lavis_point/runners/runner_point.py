@@ -12,6 +12,8 @@ Why each override (LAVIS 1.0.2, measured on CPU):
   so a DistributedSampler would replay epoch 0's order.
 - checkpoints: written atomically, without frozen parts, read with ``weights_only=True``, and
   loaded under the contract of ``lavis_point.models.checkpoint`` (frozen parts may be absent).
+- ``create_loaders``: ``run.batch_group_by`` (annotation fields) and ``run.batch_groups_per_batch``
+  build training batches from a few groups of alike items (grouped_batches.py).
 - ``setup_output_dir``: ``register_path`` refuses to overwrite, so a second run in one process failed.
 On a GPU everything else is RunnerBase's.
 """
@@ -38,6 +40,7 @@ from lavis_point.models.checkpoint import (
     trainable_state_dict,
 )
 from lavis_point.runners import rng_state
+from lavis_point.runners.grouped_batches import GroupedBatchSampler, group_ids_of
 
 
 def barrier():
@@ -72,14 +75,22 @@ class RunnerPoint(RunnerBase):
         for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
             if isinstance(dataset, (list, tuple)):
                 raise NotImplementedError("runner_point takes map-style datasets only")
-            sampler = None
-            if self.use_distributed and (is_train or self.use_dist_eval_sampler):
-                sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=get_world_size(), rank=get_rank(),
-                                             seed=int(self.config.run_cfg.get("seed", 0)))
+            world = (get_world_size(), get_rank()) if self.use_distributed else (1, 0)
+            seed = int(self.config.run_cfg.get("seed", 0))
+            group_by = self.config.run_cfg.get("batch_group_by") if is_train else None
+            batching = dict(batch_size=batch_size, shuffle=is_train, drop_last=is_train)
+            if group_by:
+                batching = dict(batch_sampler=GroupedBatchSampler(
+                    group_ids_of(dataset, list(group_by)), batch_size,
+                    int(self.config.run_cfg.get("batch_groups_per_batch", 4)),
+                    num_replicas=world[0], rank=world[1], seed=seed, epoch=self.start_epoch))
+            elif self.use_distributed and (is_train or self.use_dist_eval_sampler):
+                sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=world[0], rank=world[1],
+                                             seed=seed)
                 sampler.set_epoch(self.start_epoch)
-            loader = DataLoader(with_batched_reads(dataset), batch_size=batch_size, num_workers=num_workers,
-                                pin_memory=self.device.type == "cuda", sampler=sampler,
-                                shuffle=sampler is None and is_train, collate_fn=collate_fn, drop_last=is_train)
+                batching.update(sampler=sampler, shuffle=False)
+            loader = DataLoader(with_batched_reads(dataset), num_workers=num_workers,
+                                pin_memory=self.device.type == "cuda", collate_fn=collate_fn, **batching)
             if self.device.type == "cuda":
                 loader = PrefetchLoader(loader)
             if is_train:

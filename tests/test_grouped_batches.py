@@ -1,0 +1,91 @@
+"""run.batch_group_by: training batches made of a few groups of alike items (grouped_batches.py)."""
+import itertools
+
+import pytest
+import torch
+
+from lavis_point.runners.grouped_batches import GroupedBatchSampler, group_ids_of
+
+
+def group_ids(sizes):
+    return [g for g, n in enumerate(sizes) for _ in range(n)]
+
+
+def test_each_batch_is_whole_chunks_of_one_group_and_no_item_repeats():
+    ids = group_ids([16, 24, 8, 32, 16])  # every group a multiple of the chunk (8 / 4 = 2)
+    sampler = GroupedBatchSampler(ids, batch_size=8, groups_per_batch=4)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 96 // 8
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen)) == 96
+    for batch in batches:
+        assert len(batch) == 8
+        for chunk in (batch[k:k + 2] for k in range(0, 8, 2)):
+            assert len({ids[i] for i in chunk}) == 1
+
+
+def test_remainders_are_pooled_and_the_length_is_exact():
+    ids = group_ids([5, 7, 3, 9, 1, 6])  # 31 items, chunk 4: 5 whole chunks; remainders 1,3,3,1,1,2 -> 2 more
+    sampler = GroupedBatchSampler(ids, batch_size=8, groups_per_batch=2)
+    for _ in range(3):
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 7 // 2
+        flat = [i for b in batches for i in b]
+        assert len(flat) == len(set(flat)) and all(len(b) == 8 for b in batches)
+
+
+def test_one_process_draws_from_torch_random_state_so_a_resume_replays_it():
+    sampler = GroupedBatchSampler(group_ids([8] * 6), batch_size=8, groups_per_batch=2)
+    torch.manual_seed(3)
+    first = list(sampler)
+    second = list(sampler)
+    torch.manual_seed(3)
+    assert list(sampler) == first and first != second
+
+
+def test_ranks_take_disjoint_shares_of_the_same_batches_and_epochs_differ():
+    ids = group_ids([12, 20, 8, 16, 8])
+    ranks = [GroupedBatchSampler(ids, batch_size=4, groups_per_batch=2, num_replicas=2, rank=r, seed=7)
+             for r in range(2)]
+    epoch0 = [list(s) for s in ranks]
+    assert len(epoch0[0]) == len(epoch0[1]) == len(ranks[0]) == 64 // 4 // 2
+    flat = [i for batches in epoch0 for b in batches for i in b]
+    assert len(flat) == len(set(flat))
+    epoch1 = [list(s) for s in ranks]
+    assert epoch1 != epoch0
+    again = GroupedBatchSampler(ids, batch_size=4, groups_per_batch=2, num_replicas=2, rank=0, seed=7, epoch=1)
+    assert list(again) == epoch1[0]  # a resumed rank starting at epoch 1 rebuilds that epoch's batches
+
+
+def test_groups_per_batch_must_divide_the_batch():
+    with pytest.raises(ValueError, match="must divide the batch size"):
+        GroupedBatchSampler([0, 1], batch_size=8, groups_per_batch=3)
+
+
+class Member:
+    def __init__(self, annotations):
+        self.annotations = annotations
+
+    def __len__(self):
+        return len(self.annotations)
+
+
+class Concat:
+    def __init__(self, *members):
+        self.datasets = members
+
+
+def test_group_ids_come_from_annotation_fields_per_member():
+    captions = Member([{"color": "red", "size": "small"}, {"color": "red", "size": "small"},
+                       {"color": "blue", "size": "small"}, {"color": "red"}])
+    questions = Member([{"color": "red", "size": "small"}])
+    ids = group_ids_of(Concat(captions, questions), ["color", "size"])
+    assert ids[0] == ids[1] != ids[2]
+    assert ids[3] == (0, None)  # without the fields: the member's own group
+    assert ids[4] != ids[0]  # another member is another group, even with equal fields
+    assert len(set(itertools.chain(ids))) == 4
+
+
+def test_no_annotation_with_the_fields_is_an_error_naming_them():
+    with pytest.raises(ValueError, match=r"\['shade'\]"):
+        group_ids_of(Member([{"color": "red"}]), ["shade"])
