@@ -14,6 +14,7 @@ Why each override (LAVIS 1.0.2, measured on CPU):
   loaded under the contract of ``lavis_point.models.checkpoint`` (frozen parts may be absent).
 - ``create_loaders``: ``run.batch_group_by`` (annotation fields) and ``run.batch_groups_per_batch``
   build training batches from a few groups of alike items (grouped_batches.py).
+- ``optimizer``: RunnerBase's AdamW groups with the fused kernel (5x faster update on CPU).
 - ``setup_output_dir``: ``register_path`` refuses to overwrite, so a second run in one process failed.
 On a GPU everything else is RunnerBase's.
 """
@@ -23,6 +24,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from lavis.common.registry import registry
@@ -61,6 +63,16 @@ class RunnerPoint(RunnerBase):
             else:
                 self._wrapped_model = self._model
         return self._wrapped_model
+
+    @property
+    def optimizer(self):
+        """RunnerBase's AdamW (its parameter groups, lr, decay, betas), fused: on CPU its per-tensor
+        loop took 0.67 s of a bench_train_step step, the fused kernel 0.13 s."""
+        if self._optimizer is None:
+            groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")}
+                      for g in super().optimizer.param_groups]
+            self._optimizer = torch.optim.AdamW(groups, fused=True)
+        return self._optimizer
 
     def setup_output_dir(self):
         output_dir = Path(registry.get_path("library_root")) / self.config.run_cfg.output_dir / self.job_id
