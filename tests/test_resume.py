@@ -39,7 +39,8 @@ def stage1(out):
 def stage2(out, stage1):
     stage1_path, _ = stage1
     log = run(["train.py", "--cfg-path", "projects/embedded/stage2.yaml",
-               *options(out, "stage2", 1, f"model.pretrained={stage1_path}", "model.freeze_encoder=True")], out)
+               *options(out, "stage2", 1, f"model.pretrained={stage1_path}", "model.freeze_encoder=True",
+                        "run.save_frozen_parts=False")], out)
     return os.path.join(out, "stage2", "checkpoint_last.pth"), log
 
 
@@ -88,3 +89,15 @@ def test_stage2_checkpoint_evaluates_with_the_stage1_encoder(out, stage1, stage2
     assert metrics["num_samples"] == 16
     for key in ("bleu_4", "cider", "meteor", "shape_accuracy", "color_accuracy"):
         assert key in metrics
+
+
+def test_save_frozen_parts_keeps_the_frozen_stage1_encoder_in_the_stage2_file(out, stage1):
+    stage1_path, _ = stage1
+    log = run(["train.py", "--cfg-path", "projects/embedded/stage2.yaml",
+               *options(out, "stage2_whole", 1, f"model.pretrained={stage1_path}", "model.freeze_encoder=True",
+                        "run.save_frozen_parts=True")], out)
+    path = os.path.join(out, "stage2_whole", "checkpoint_last.pth")
+    assert os.path.isfile(path), log[-3000:]
+    state, before = load(path)["model"], load(stage1_path)["model"]
+    encoder = [k for k in before if k.startswith("point_encoder.")]
+    assert encoder and all(torch.equal(state[k], before[k]) for k in encoder)  # frozen: the stage-1 weights
