@@ -129,3 +129,26 @@ def test_mean_text_pooling_tells_captions_apart_where_minilm_cls_cannot():
 def test_unknown_text_pooling_is_refused():
     with pytest.raises(ValueError, match="text_pooling"):
         small_stage1(text_pooling="max")
+
+
+def test_projecting_the_point_tokens_once_gives_the_losses_and_gradients_of_one_projection_per_pass(
+        monkeypatch):
+    """The three passes share the cross-attention keys and values (Qformer.project_points); with it
+    replaced by the identity, every pass projects the point tokens itself, as before the sharing."""
+    model = small_stage1(global_itc_weight=0.5)
+
+    def run():
+        torch.manual_seed(0)  # the same hard negatives both times
+        model.zero_grad()
+        out = model(batch())
+        out["loss"].backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared, shared_grads = run()
+    monkeypatch.setattr(model.Qformer, "project_points", lambda points: points)
+    separate, separate_grads = run()
+    for key in ("loss", "loss_itc", "loss_itm", "loss_itg"):
+        assert torch.allclose(shared[key], separate[key], atol=1e-6), key
+    assert shared_grads.keys() == separate_grads.keys()
+    for name, grad in shared_grads.items():
+        assert torch.allclose(grad, separate_grads[name], atol=1e-6, rtol=1e-4), name

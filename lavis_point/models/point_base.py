@@ -102,8 +102,9 @@ class PointQueryModel(BaseModel):
         return tokens @ self.pc_projection
 
     def query_outputs(self, point_tokens):
-        """Projected point tokens (B, G, W) -> query outputs (B, Q, hidden)."""
-        queries = self.query_tokens.expand(point_tokens.shape[0], -1, -1)
+        """Projected point tokens (B, G, W), or the Q-Former's ``project_points`` of them -> query
+        outputs (B, Q, hidden)."""
+        queries = self.query_tokens.expand(len(point_tokens), -1, -1)
         return self.Qformer(query_embeds=queries, points=point_tokens)
 
     def load_checkpoint(self, url_or_filename, pretrained=False):

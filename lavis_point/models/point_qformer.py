@@ -108,7 +108,8 @@ class PointQFormer(PointQueryModel):
         return torch.einsum("pqd,td->pqt", point_feats, text_feats).max(dim=1).values
 
     def match_logits(self, point_tokens, input_ids, attention_mask):
-        """Matching head: (B, 2) logits, class 1 = the text describes the cloud."""
+        """Matching head: (B, 2) logits, class 1 = the text describes the cloud. ``point_tokens``: (B, G, W)
+        or the Q-Former's ``project_points`` of them."""
         queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
         hidden = self.Qformer(query_embeds=queries, input_ids=input_ids, attention_mask=attention_mask,
                               points=point_tokens)
@@ -117,7 +118,9 @@ class PointQFormer(PointQueryModel):
     # ---- training ----
     def forward(self, samples):
         texts = samples["text_input"]
-        queries, point_tokens, point_feats = self.encode_points(samples["point"])
+        point_tokens = self.encode_point_tokens(samples["point"])
+        points = self.Qformer.project_points(point_tokens)  # keys and values once for all three passes
+        point_feats = F.normalize(self.point_proj(self.query_outputs(points)), dim=-1)
         tokens = self.tokenize(texts)
         text_feat = self.encode_text(tokens)
         batch = point_feats.shape[0]
@@ -136,8 +139,8 @@ class PointQFormer(PointQueryModel):
         neg_points = sample_hard_negatives(sim_t2p[:, local], same)
         ids = torch.cat([tokens.input_ids, tokens.input_ids[neg_text], tokens.input_ids])
         mask = torch.cat([tokens.attention_mask, tokens.attention_mask[neg_text], tokens.attention_mask])
-        pts = torch.cat([point_tokens, point_tokens, point_tokens[neg_points]])
-        logits = self.match_logits(pts, ids, mask)  # (3B, 2)
+        own = torch.arange(batch, device=self.device)
+        logits = self.match_logits(points[torch.cat([own, own, neg_points])], ids, mask)  # (3B, 2)
         labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(self.device)
         loss_itm = F.cross_entropy(logits, labels)
 
@@ -146,7 +149,7 @@ class PointQFormer(PointQueryModel):
         dec_ids[:, 0] = self.tokenizer.bos_token_id
         targets = dec_ids.masked_fill(dec_ids == self.tokenizer.pad_token_id, -100)
         hidden = self.Qformer(query_embeds=self.query_tokens.expand(batch, -1, -1), input_ids=dec_ids,
-                              attention_mask=tokens.attention_mask, points=point_tokens, causal=True)
+                              attention_mask=tokens.attention_mask, points=points, causal=True)
         text_hidden = hidden[:, self.query_tokens.shape[1]:-1]  # position t predicts token t + 1
         lm_logits = self.Qformer.lm_logits(text_hidden)
         loss_itg = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]), targets[:, 1:].reshape(-1),
