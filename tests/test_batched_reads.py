@@ -159,7 +159,8 @@ def test_lavis_concat_dataset_passes_the_batch_to_each_member(tmp_path):
 
 def test_the_runner_loads_training_batches_through_batched_reads(tmp_path):
     concat = ConcatDataset([sharded(tmp_path)])
-    runner = SimpleNamespace(use_distributed=False, device=torch.device("cpu"), start_epoch=0)
+    runner = SimpleNamespace(use_distributed=False, device=torch.device("cpu"), start_epoch=0,
+                             config=SimpleNamespace(run_cfg={}))  # run_cfg: no batch_group_by
     (loader,) = RunnerPoint.create_loaders(runner, [concat], 0, [4], [True], [concat.collater])
     assert isinstance(loader._dataloader.dataset, BatchedConcatDataset)
 

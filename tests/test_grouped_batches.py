@@ -89,3 +89,25 @@ def test_group_ids_come_from_annotation_fields_per_member():
 def test_no_annotation_with_the_fields_is_an_error_naming_them():
     with pytest.raises(ValueError, match=r"\['shade'\]"):
         group_ids_of(Member([{"color": "red"}]), ["shade"])
+
+
+class Items(Member):
+    def __getitem__(self, i):
+        return i
+
+
+def test_the_runner_builds_grouped_training_batches_from_run_batch_group_by():
+    from types import SimpleNamespace
+
+    from lavis_point.runners.runner_point import RunnerPoint
+
+    annotations = [{"color": c, "size": "small"} for c in ("red", "blue") for _ in range(8)]
+    run_cfg = {"batch_group_by": ["color"], "batch_groups_per_batch": 2, "seed": 0}
+    runner = SimpleNamespace(use_distributed=False, device=torch.device("cpu"), start_epoch=0,
+                             config=SimpleNamespace(run_cfg=run_cfg))
+    (loader,) = RunnerPoint.create_loaders(runner, [Items(annotations)], 0, [4], [True], [list])
+    assert isinstance(loader._dataloader.batch_sampler, GroupedBatchSampler) and len(loader) == 4
+    for _ in range(len(loader)):
+        batch = next(loader)
+        for chunk in (batch[:2], batch[2:]):
+            assert len({annotations[i]["color"] for i in chunk}) == 1
