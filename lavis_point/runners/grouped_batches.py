@@ -58,7 +58,8 @@ class GroupedBatchSampler(Sampler):
         cut = len(pool) // self.chunk * self.chunk
         chunks += np.split(pool[:cut], cut // self.chunk) if cut else []
         order = rng.permutation(len(chunks))
-        batches = [np.concatenate([chunks[j] for j in order[b * self.groups_per_batch:(b + 1) * self.groups_per_batch]])
+        per = self.groups_per_batch
+        batches = [np.concatenate([chunks[j] for j in order[b * per:(b + 1) * per]])
                    for b in range(self.num_batches * self.num_replicas)]
         for batch in batches[self.rank::self.num_replicas]:
             yield batch.tolist()

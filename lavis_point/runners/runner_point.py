@@ -10,8 +10,9 @@ Why each override (LAVIS 1.0.2, measured on CPU):
   uninterrupted one would be (same batches, augmentation, negatives; tests/test_kill_resume.py).
 - ``create_loaders``: a resumed run's first epoch is ``start_epoch``; LAVIS's IterLoader counts from 0,
   so a DistributedSampler would replay epoch 0's order.
-- checkpoints: written atomically, without frozen parts (unless ``run.save_frozen_parts``), read with ``weights_only=True``, and
-  loaded under the contract of ``lavis_point.models.checkpoint`` (frozen parts may be absent).
+- checkpoints: written atomically, without frozen parts (unless ``run.save_frozen_parts``), read
+  with ``weights_only=True``, and loaded under the contract of ``lavis_point.models.checkpoint``
+  (frozen parts may be absent).
 - ``create_loaders``: ``run.batch_group_by`` (annotation fields) and ``run.batch_groups_per_batch``
   build training batches from a few groups of alike items (grouped_batches.py).
 - ``optimizer``: RunnerBase's AdamW groups with the fused kernel (5x faster update on CPU).
@@ -147,7 +148,8 @@ class RunnerPoint(RunnerBase):
         model = self.unwrap_dist_model(self.model)
         # run.save_frozen_parts: a small frozen encoder is kept, so the file stands on its own
         save_obj = {
-            "model": model.state_dict() if self.config.run_cfg.get("save_frozen_parts") else trainable_state_dict(model),
+            "model": (model.state_dict() if self.config.run_cfg.get("save_frozen_parts")
+                      else trainable_state_dict(model)),
             "optimizer": self.optimizer.state_dict(),
             "config": self.config.to_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
