@@ -4,7 +4,8 @@ and the peak resident memory of a GPT4Point-size step.
 Model: the ``pretrain`` Q-Former width (bert-base: 768 wide, 12 layers, 32 queries, cross-attention
 every 2nd layer to point tokens projected to 1408) with the ``tiny`` Point-BERT, randomly initialised
 (no BERT weights are needed to measure speed). One step = forward (ITC + ITM + ITG) + backward + AdamW
-as LAVIS's runner builds it (``torch.optim.AdamW`` defaults: on CPU, a Python loop over the tensors).
+as ``runner_point`` builds it (``fused=True``; LAVIS's RunnerBase uses the defaults: on CPU, a Python
+loop over the tensors).
 - FLOPs: torch's FlopCounterMode over forward + backward (matmuls and attention; AdamW's ~10 flops
   per parameter are listed apart).
 - Peak: the best of several fp32 square matmuls in this process, same thread count. The share is
@@ -16,8 +17,8 @@ as LAVIS's runner builds it (``torch.optim.AdamW`` defaults: on CPU, a Python lo
   Grouping (numba, outside torch ops) is timed on its own.
 - Page faults: large fresh tensors are mapped anew by glibc (or reused after it returned them to
   the system) on every step, and each new page costs a fault; the step's minor faults and this
-  machine's first-touch rate say what that costs. The AdamW line compares the runner's loop with
-  ``fused=True`` on the same gradients.
+  machine's first-touch rate say what that costs. The AdamW line compares RunnerBase's loop with
+  runner_point's ``fused=True`` on the same gradients.
 - Memory (``--memory``): a child process runs one step of the GPT4Point-size config (12-layer
   Point-BERT on 8192 points, frozen, as GPT4Point trains stage 1) at batch 32 (``--memory-batch``)
   and reports its peak RSS. Its address space is capped (``--memory-limit-gb`` beyond what it maps
@@ -75,7 +76,7 @@ def build(encoder_type, batch, num_points, freeze_encoder):
     samples = {"point": torch.rand(batch, num_points, 6) * 2 - 1,
                "text_input": [CAPTIONS[i % len(CAPTIONS)] + f" number {i}" for i in range(batch)]}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                  weight_decay=0.05)
+                                  weight_decay=0.05, fused=True)
     return model.train(), samples, optimizer
 
 
@@ -201,14 +202,14 @@ def breakdown(model, samples, optimizer, bf16):
 
 
 def compare_adamw(model, samples, optimizer, bf16, repeats=2):
-    """optimizer.step on the same gradients: the runner's loop vs fused=True (wall seconds)."""
-    fused = torch.optim.AdamW(optimizer.param_groups[0]["params"], lr=1e-4, weight_decay=0.05, fused=True)
+    """optimizer.step on the same gradients: RunnerBase's loop vs runner_point's fused (wall seconds)."""
+    baseline = torch.optim.AdamW(optimizer.param_groups[0]["params"], lr=1e-4, weight_decay=0.05)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = model(samples)["loss"]
     loss.backward()
-    fused.step()  # creates its state
-    loop = min(_timed(optimizer.step)[0] for _ in range(repeats))
-    fast = min(_timed(fused.step)[0] for _ in range(repeats))
+    baseline.step()  # creates its state
+    loop = min(_timed(baseline.step)[0] for _ in range(repeats))
+    fast = min(_timed(optimizer.step)[0] for _ in range(repeats))
     optimizer.zero_grad(set_to_none=True)
     return loop, fast
 
@@ -311,8 +312,8 @@ def main():
           f"{per_gib:.2f} s/GiB here -> ~{faulted / 2 ** 30 * per_gib:.2f} s of the step, spread over the "
           f"fills, adds and AdamW temporaries above")
     loop, fast = compare_adamw(model, samples, optimizer, args.bf16)
-    print(f"AdamW step alone, {trainable / 1e6:.0f}M parameters: runner's default (loop) {loop:.2f} s, "
-          f"fused=True {fast:.2f} s ({loop / fast:.1f}x)")
+    print(f"AdamW step alone, {trainable / 1e6:.0f}M parameters: RunnerBase's default (loop) {loop:.2f} s, "
+          f"runner_point's fused=True {fast:.2f} s ({loop / fast:.1f}x)")
 
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
