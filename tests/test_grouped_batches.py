@@ -1,6 +1,4 @@
 """run.batch_group_by: training batches made of a few groups of alike items (grouped_batches.py)."""
-import itertools
-
 import pytest
 import torch
 
@@ -83,7 +81,7 @@ def test_group_ids_come_from_annotation_fields_per_member():
     assert ids[0] == ids[1] != ids[2]
     assert ids[3] == (0, None)  # without the fields: the member's own group
     assert ids[4] != ids[0]  # another member is another group, even with equal fields
-    assert len(set(itertools.chain(ids))) == 4
+    assert len(set(ids)) == 4
 
 
 def test_no_annotation_with_the_fields_is_an_error_naming_them():

@@ -4,6 +4,7 @@ that tensor back instead of stacking the rows into a new one. Items stay plain d
 ConcatDataset collater (which rebuilds each item with the keys all share) and bad-sample
 substitutes (rows of other tensors, stacked as before) work unchanged.
 """
+import math
 from collections.abc import Mapping
 
 import torch
@@ -31,10 +32,7 @@ def batch_tensor(shape) -> torch.Tensor:
     batch to the main process copies nothing."""
     if get_worker_info() is None:
         return torch.empty(shape)
-    numel = 1
-    for size in shape:
-        numel *= size
-    return torch.empty(0).set_(torch.UntypedStorage._new_shared(4 * numel), 0, tuple(shape))
+    return torch.empty(0).set_(torch.UntypedStorage._new_shared(4 * math.prod(shape)), 0, tuple(shape))
 
 
 def whole_of(rows):
