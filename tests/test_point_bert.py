@@ -87,3 +87,31 @@ def test_wrong_point_shape_is_refused():
 def test_gpt4point_size_encoder_has_exactly_the_published_layout():
     enc = PointBertEncoder()
     assert shapes_of(enc.state_dict()) == point_encoder_layout()
+
+
+def conv_reference(net, groups):
+    """MiniPointNet as its modules are written: Conv1d on (BG, C, k), max-pool, concat, Conv1d."""
+    batch, num_groups, k, channels = groups.shape
+    x = groups.reshape(batch * num_groups, k, channels).transpose(1, 2)
+    f = net.first_conv(x)
+    f = torch.cat([f.max(dim=2, keepdim=True).values.expand(-1, -1, k), f], dim=1)
+    return net.second_conv(f).max(dim=2).values.reshape(batch, num_groups, -1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_mini_pointnet_matmul_forward_equals_the_conv_modules(training):
+    """The forward runs the 1x1 convs as matmuls and splits the concat; outputs, gradients and
+    BatchNorm running statistics must match the modules applied as written."""
+    torch.manual_seed(0)
+    fast = tiny_encoder().encoder.train(training)
+    slow = tiny_encoder().encoder.train(training)
+    slow.load_state_dict(fast.state_dict())
+    groups = torch.randn(3, 5, 8, 6)
+    out_fast, out_slow = fast(groups), conv_reference(slow, groups)
+    assert torch.allclose(out_fast, out_slow, atol=1e-5)
+    out_fast.square().sum().backward()
+    out_slow.square().sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-4), name
+    for (name, b), c in zip(fast.named_buffers(), slow.buffers()):
+        assert torch.allclose(b.float(), c.float(), atol=1e-6), name
