@@ -9,6 +9,8 @@ Annotations: GPT4Point JSON ([{"point", "caption"}]), Cap3D CSV (uid,caption) or
 .pkl (restricted unpickler: no code runs), .npy, .npz, .ply, .pts/.xyz/.txt, or meshes (.obj .ply .glb
 .gltf .off .stl, sampled by area with their colours). Interrupted? Run the same command again: finished
 chunks are kept. Bad files are skipped and listed with their reason in {out}/{split}_report.json.
+Each shard gets a _stats.npy beside it (per-cloud centre, radius, colour range) so that training
+processes each cloud in one pass.
 """
 import argparse
 import json

@@ -14,12 +14,12 @@ from lavis.processors.blip_processors import BlipCaptionProcessor
 from torch.utils.data import DataLoader, Dataset
 
 import lavis_point  # noqa: F401
-from lavis_point.data_io.shards import ShardedClouds, rows_in_file_order, shard_name
+from lavis_point.data_io.shards import ShardedClouds, rows_in_file_order, shard_name, stats_name
 from lavis_point.datasets.batched_concat import BatchedConcatDataset, with_batched_reads
 from lavis_point.datasets.batching import PerItem, batch_tensor, collate, whole_of
 from lavis_point.datasets.cap3d import CloudFiles
 from lavis_point.datasets.point_caption import PointCaptionDataset
-from lavis_point.processors.point_processors import PointEvalProcessor, PointTrainProcessor
+from lavis_point.processors.point_processors import PointEvalProcessor, PointTrainProcessor, cloud_statistics
 from lavis_point.runners.runner_point import RunnerPoint
 from tests.point_files import write_pickle
 
@@ -31,11 +31,15 @@ def clouds(n, points=P, seed=0):
     return np.concatenate([rng.normal(size=(n, points, 3)), rng.random((n, points, 3))], axis=2)
 
 
-def sharded(folder, n_per_shard=(5, 7), processor=None, is_train=True):
-    """A dataset over numbered float16 shards, as scripts/convert_points.py writes them."""
+def sharded(folder, n_per_shard=(5, 7), processor=None, is_train=True, with_stats=False):
+    """A dataset over numbered float16 shards, as scripts/convert_points.py writes them (with each
+    shard's statistics, as it writes them now, or without, as it wrote them before)."""
     entries = []
     for number, n in enumerate(n_per_shard):
-        np.save(os.path.join(folder, shard_name("train", number)), clouds(n, seed=number).astype(np.float16))
+        shard = clouds(n, seed=number).astype(np.float16)
+        np.save(os.path.join(folder, shard_name("train", number)), shard)
+        if with_stats:
+            np.save(os.path.join(folder, stats_name(shard_name("train", number))), cloud_statistics(shard))
         entries += [{"id": f"s{number}_{row}", "shard": shard_name("train", number), "index": row,
                      "captions": [f"shape {number} {row}", f"thing {row}"]} for row in range(n)]
     processor = processor or PointTrainProcessor.from_config({"num_points": P, "seed": 3})
@@ -74,14 +78,16 @@ def test_sharded_parts_gather_across_shard_files_in_entry_order(tmp_path):
     parts = dataset.points.parts(picked)
     assert len(parts) == 2  # one per shard file, rows in file order
     batch = np.empty((5, P, 6), np.float16)
-    for shard, rows, positions in parts:
-        assert list(rows) == sorted(rows)
+    for shard, rows, positions, stats in parts:
+        assert list(rows) == sorted(rows) and stats is None  # no statistics stored beside these shards
         batch[positions] = shard[rows]
     assert np.array_equal(batch, np.stack([dataset.points[e] for e in picked]))
 
 
-def test_training_batches_from_shards_equal_the_per_item_path(tmp_path):
-    dataset = sharded(tmp_path)
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_training_batches_from_shards_equal_the_per_item_path(tmp_path, with_stats):
+    dataset = sharded(tmp_path, with_stats=with_stats)
+    assert all((stats is not None) == with_stats for *_, stats in dataset.points.parts(dataset.annotations))
     calls = []
     getitems = dataset.__getitems__
     dataset.__getitems__ = lambda indices: calls.append(list(indices)) or getitems(indices)
@@ -108,9 +114,9 @@ def test_per_object_files_are_read_one_by_one_and_processed_as_a_batch(tmp_path)
     assert_same_batches(batches(dataset, 4), batches(PerItem(dataset), 4))
 
 
-@pytest.mark.parametrize("is_train", [True, False])
-def test_a_bad_row_in_a_batch_is_skipped_as_the_per_item_path_skips_it(tmp_path, is_train):
-    dataset = sharded(tmp_path, is_train=is_train)
+@pytest.mark.parametrize("is_train,with_stats", [(True, False), (False, False), (True, True), (False, True)])
+def test_a_bad_row_in_a_batch_is_skipped_as_the_per_item_path_skips_it(tmp_path, is_train, with_stats):
+    dataset = sharded(tmp_path, is_train=is_train, with_stats=with_stats)  # statistics: of the clean shard
     bad = np.load(tmp_path / shard_name("train", 1))
     bad[3, 10, 0] = np.nan
     np.save(tmp_path / shard_name("train", 1), bad)
@@ -236,3 +242,12 @@ def test_training_draws_only_usable_captions_each_equally_often():
     np.random.seed(0)
     drawn = [dataset.caption_of(entry) for _ in range(2000)]
     assert set(drawn) == {"one", "two"} and abs(drawn.count("one") - 1000) < 100
+
+
+def test_statistics_that_do_not_fit_their_shard_are_ignored_with_a_warning_naming_the_file(tmp_path, caplog):
+    dataset = sharded(tmp_path, with_stats=True)
+    np.save(tmp_path / stats_name(shard_name("train", 1)), np.zeros((3, 5)))  # written for another shard
+    parts = {part[0].shape[0]: part for part in dataset.points.parts(dataset.annotations)}
+    assert parts[5][3] is not None and parts[7][3] is None
+    assert "train_points_00001_stats.npy: expected (7, 5) float64" in caplog.text
+    assert_same_batches(batches(dataset), batches(PerItem(dataset)))  # the three-pass path instead

@@ -6,10 +6,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from lavis_point.data_io import convert
-from lavis_point.data_io.shards import ShardedClouds
+from lavis_point.data_io.shards import ShardedClouds, stats_name
 from lavis_point.datasets.cap3d import locate_clouds, read_annotations
+from lavis_point.processors.point_processors import PointTrainProcessor, cloud_statistics
 from tests import point_files as pf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +57,27 @@ def test_good_clouds_land_in_shards_bit_exact_and_bad_ones_are_reported(mixed, t
             assert np.array_equal(row, expected.astype(np.float16)), object_id
     mesh = clouds[index["mesh0"]].astype(np.float32)
     assert np.all(mesh[:, 2] == 0) and np.allclose(mesh[:, 3:], [1, 0, 0])
-    shards = sorted(n for n in os.listdir(out) if n.endswith(".npy"))
+    shards = sorted({entry["shard"] for entry in index.values()})
     assert len(shards) > 1 and all(np.load(os.path.join(out, n), mmap_mode="r").dtype == np.float16 for n in shards)
+    for name in shards:  # each shard's statistics, of its float16 values as stored
+        assert np.array_equal(np.load(os.path.join(out, stats_name(name))), cloud_statistics(clouds.shard(name)))
+    assert sorted(n for n in os.listdir(out) if n.endswith(".npy")) == sorted(shards + [stats_name(n) for n in shards])
+
+
+def test_shards_converted_with_or_without_statistics_give_the_same_batches(mixed, tmp_path):
+    annotations, folder, _, _, _ = mixed
+    out = str(tmp_path / "shards")
+    run_convert(annotations, folder, out, num_points=2048, shard_size=4)
+    entries = list(index_of(out).values())
+    processor = PointTrainProcessor.from_config({"num_points": 2048, "seed": 1})
+    with_stats = ShardedClouds(out, "train").parts(entries)
+    for name in {entry["shard"] for entry in entries}:  # as a conversion made before statistics left them
+        os.remove(os.path.join(out, stats_name(name)))
+    without = ShardedClouds(out, "train").parts(entries)
+    assert all(part[3] is not None for part in with_stats) and all(part[3] is None for part in without)
+    one, ok1 = processor.batch_from(with_stats, len(entries))
+    three, ok3 = processor.batch_from(without, len(entries))
+    assert ok1.all() and ok3.all() and torch.equal(one, three)
 
 
 def test_clouds_of_other_sizes_are_resampled_reproducibly(tmp_path):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import lavis_point  # noqa: F401
-from lavis_point.processors.point_processors import PointCloudError, PointEvalProcessor, PointTrainProcessor
+from lavis_point.processors.point_processors import (PointCloudError, PointEvalProcessor, PointTrainProcessor,
+                                                     cloud_statistics)
 
 
 def cloud(n=3000, colour=True, seed=0):
@@ -150,3 +151,63 @@ def test_float16_is_read_exactly_and_inf_or_nan_marks_the_cloud_bad():
         assert not processor.batch(c[None])[1][0]
         with pytest.raises(PointCloudError):
             processor(c)
+
+
+def shard_of(count=6, n=1024):
+    """float16 clouds as a shard holds them, every other one with rgb in 0-255."""
+    clouds = np.stack([cloud(n, seed=k) for k in range(count)])
+    clouds[::2, :, 3:] *= 255
+    return clouds.astype(np.float16)
+
+
+def test_statistics_are_the_centre_radius_and_colour_range_of_the_stored_values():
+    shard = shard_of()
+    stats = cloud_statistics(shard)
+    xyz = shard[:, :, :3].astype(np.float64)
+    centre = xyz.sum(axis=1) / shard.shape[1]  # float64 sums of float16 values are exact in any order
+    assert np.array_equal(stats[:, :3], centre)
+    assert np.allclose(stats[:, 3], np.linalg.norm(xyz - centre[:, None], axis=2).max(axis=1), rtol=1e-12)
+    assert stats[:, 4].tolist() == [1.0, 0.0] * 3
+
+
+@pytest.mark.parametrize("config", [{}, {"normalize": False}, {"seed": 4}, {"seed": 4, "dropout": 0.3},
+                                    {"seed": 4, "normalize": False}])
+def test_one_pass_with_stored_statistics_gives_what_three_passes_give(config):
+    shard = shard_of()
+    stats, rows, positions = cloud_statistics(shard), [0, 2, 3, 5], [2, 0, 3, 1]
+    processor = (PointTrainProcessor if "seed" in config else PointEvalProcessor).from_config(
+        {"num_points": shard.shape[1], **config})
+    three, ok3 = processor.batch_from([(shard, rows, positions)], 4)
+    one, ok1 = processor.batch_from([(shard, rows, positions, stats)], 4)
+    assert ok3.all() and ok1.all() and torch.equal(one, three)
+    if config.get("normalize", True):  # the comparison sees a wrong centre or radius
+        for column in (0, 3):
+            wrong = stats.copy()
+            wrong[:, column] *= 1 + 1e-6
+            assert not torch.equal(processor.batch_from([(shard, rows, positions, wrong)], 4)[0], three)
+    wrong = stats.copy()
+    wrong[:, 4] = 1 - wrong[:, 4]  # colour range
+    assert not torch.equal(processor.batch_from([(shard, rows, positions, wrong)], 4)[0], three)
+
+
+def test_one_pass_reads_float16_exactly_and_still_marks_inf_or_nan_clouds_bad():
+    halfs = np.arange(2 ** 16, dtype=np.uint16).view(np.float16)
+    finite = halfs[np.isfinite(halfs)]
+    c = np.zeros((2, -(-len(finite) // 3), 6), np.float16)
+    c[:, :, :3].reshape(2, -1)[:, :len(finite)] = finite
+    stats = cloud_statistics(c)  # made from the clean clouds, as a conversion makes them
+    processor = PointEvalProcessor.from_config({"num_points": c.shape[1], "normalize": False})
+    out, ok = processor.batch_from([(c, [0, 1], [0, 1], stats)], 2)
+    assert ok.all() and np.array_equal(out[:, :, :3].numpy(), c[:, :, :3].astype(np.float32))
+    for bad in (np.inf, -np.inf, np.nan):
+        c[1, 5, 4] = bad  # the statistics stay those of the clean cloud: only the read can tell
+        assert processor.batch_from([(c, [0, 1], [0, 1], stats)], 2)[1].tolist() == [True, False]
+        with pytest.raises(PointCloudError):
+            processor(c[1])
+
+
+def test_statistics_that_do_not_fit_the_clouds_are_refused():
+    shard = shard_of()
+    with pytest.raises(ValueError, match=r"statistics: expected \(6, 5\) float64"):
+        PointEvalProcessor.from_config({"num_points": shard.shape[1]}).batch_from(
+            [(shard, [0], [0], cloud_statistics(shard)[:5])], 1)

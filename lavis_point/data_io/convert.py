@@ -1,7 +1,9 @@
 """Annotations + a folder of clouds (or meshes) -> the shard format training reads (shards.py).
 
 Work goes chunk by chunk: chunk k's good clouds become ``{split}_points_{k:05d}.npy`` (float16,
-(n_k, num_points, 6)), then ``{split}_points_{k:05d}.json`` records its index entries and bad files.
+(n_k, num_points, 6)) and ``{split}_points_{k:05d}_stats.npy`` (each cloud's centre, radius and
+colour range, from the float16 values as stored: the processor then needs one pass per cloud), then
+``{split}_points_{k:05d}.json`` records its index entries and bad files.
 Both are written under a temporary name and renamed, so a chunk is either finished or absent: an
 interrupted conversion, run again with the same settings, skips finished chunks. When every chunk is
 done, ``{split}.jsonl`` (the index) and ``{split}_report.json`` (counts, each bad file and why) are
@@ -17,8 +19,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lavis_point.data_io.clouds import CloudReadError, read_cloud
-from lavis_point.data_io.shards import shard_name
-from lavis_point.processors.point_processors import resample
+from lavis_point.data_io.shards import shard_name, stats_name
+from lavis_point.processors.point_processors import cloud_statistics, resample
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -67,7 +69,9 @@ def _replace_atomically(path, write):
 def _write_chunk(out, split, number, clouds, entries, bad):
     name = shard_name(split, number)
     if clouds:
-        _replace_atomically(os.path.join(out, name), lambda f: np.save(f, np.stack(clouds)))
+        stacked = np.stack(clouds)
+        _replace_atomically(os.path.join(out, name), lambda f: np.save(f, stacked))
+        _replace_atomically(os.path.join(out, stats_name(name)), lambda f: np.save(f, cloud_statistics(stacked)))
     record = json.dumps({"entries": entries, "bad": bad}).encode()
     _replace_atomically(os.path.join(out, name[:-4] + ".json"), lambda f: f.write(record))
 

@@ -8,6 +8,9 @@ axis, point dropout. ``point_eval`` is deterministic: the same cloud always give
 ``processor.batch(clouds)`` does the same for a (B, N, 6) stack, one compiled kernel call per batch;
 ``processor.batch_from(parts, count)`` takes the batch's clouds where they lie (rows of memory-mapped
 float16 shards: the kernel reads and converts them straight into the batch tensor, no copy before).
+Shards converted with statistics (``cloud_statistics``: centre, radius, colour range per cloud) are
+processed in one pass per cloud; without them (older shards, per-object files) in three, which find
+the statistics first. Both give the same tensor.
 ``processor(cloud)`` is that path with B = 1, so one item and a batch agree exactly when the draws
 agree (a seed, or no augmentation).
 """
@@ -93,6 +96,84 @@ def _copy_counting(src, dst, sums, peaks):
         peaks[k - full] = max(peaks[k - full], v)
 
 
+@numba.njit(cache=True, nogil=True)
+def _channel_sums(block_sums, block_peaks, sums):
+    """The 48 lanes of ``_copy_counting`` -> sums[c] per channel; returns the rgb peak."""
+    peak = np.float32(-np.inf)
+    for c in range(6):
+        total = 0.0
+        for k in range(c, 48, 6):
+            total += block_sums[k]
+            if c >= 3:
+                peak = max(peak, block_peaks[k])
+        sums[c] = total
+    return peak
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _radius2(y, mx, my, mz):
+    """The largest squared distance of y's (n, 6) xyz rows from (mx, my, mz), in float64."""
+    r2 = 0.0
+    for i in range(y.shape[0]):
+        dx, dy, dz = y[i, 0] - mx, y[i, 1] - my, y[i, 2] - mz
+        r2 = max(r2, dx * dx + dy * dy + dz * dz)
+    return r2
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _map_rows(src, dst, mx, my, mz, a, t, colour):
+    """dst = src's flat rows of 6 (float32, or float16 as uint16 bits) transformed: xyz centred on
+    (mx, my, mz) then @ a (float64, 3 x 3, the scale folded in) + t; rgb * colour clipped to [0, 1] and
+    mapped to [-1, 1]. Each value read once and written once; returns the float32 sum of what was read
+    (non-finite: the source held NaN or inf; finite float16 cannot overflow it)."""
+    lo, hi = np.float32(0), np.float32(1)
+    a00, a01, a02, a10, a11, a12, a20, a21, a22 = a[0, 0], a[0, 1], a[0, 2], a[1, 0], a[1, 1], a[1, 2], \
+        a[2, 0], a[2, 1], a[2, 2]
+    t0, t1, t2 = t[0], t[1], t[2]
+    total = np.float32(0)
+    for i in range(dst.shape[0] // 6):  # flat indices 6 * i: a stride LLVM can see, so the loop vectorises
+        k = 6 * i
+        x, y, z = _as_float32(src[k]), _as_float32(src[k + 1]), _as_float32(src[k + 2])
+        r, g, b = _as_float32(src[k + 3]), _as_float32(src[k + 4]), _as_float32(src[k + 5])
+        total += (x + y) + (z + r) + (g + b)
+        dx, dy, dz = x - mx, y - my, z - mz
+        dst[k] = dx * a00 + dy * a10 + dz * a20 + t0
+        dst[k + 1] = dx * a01 + dy * a11 + dz * a21 + t1
+        dst[k + 2] = dx * a02 + dy * a12 + dz * a22 + t2
+        dst[k + 3] = min(max(r * colour, lo), hi) * np.float32(2) - hi
+        dst[k + 4] = min(max(g * colour, lo), hi) * np.float32(2) - hi
+        dst[k + 5] = min(max(b * colour, lo), hi) * np.float32(2) - hi
+    return total
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _map_in_place(dst, mx, my, mz, a, t, colour):
+    """``_map_rows(dst, dst, ...)`` without the sum, written for one array: with two, LLVM's check
+    that they do not overlap fails and it runs the scalar loop (a third slower)."""
+    lo, hi = np.float32(0), np.float32(1)
+    a00, a01, a02, a10, a11, a12, a20, a21, a22 = a[0, 0], a[0, 1], a[0, 2], a[1, 0], a[1, 1], a[1, 2], \
+        a[2, 0], a[2, 1], a[2, 2]
+    t0, t1, t2 = t[0], t[1], t[2]
+    for i in range(dst.shape[0] // 6):
+        k = 6 * i
+        dx, dy, dz = dst[k] - mx, dst[k + 1] - my, dst[k + 2] - mz
+        dst[k] = dx * a00 + dy * a10 + dz * a20 + t0
+        dst[k + 1] = dx * a01 + dy * a11 + dz * a21 + t1
+        dst[k + 2] = dx * a02 + dy * a12 + dz * a22 + t2
+        dst[k + 3] = min(max(dst[k + 3] * colour, lo), hi) * np.float32(2) - hi
+        dst[k + 4] = min(max(dst[k + 4] * colour, lo), hi) * np.float32(2) - hi
+        dst[k + 5] = min(max(dst[k + 5] * colour, lo), hi) * np.float32(2) - hi
+
+
+@numba.njit(cache=True, nogil=True)
+def _affine(matrix, offset, inv):
+    """(matrix * inv in float64, offset in float64): what ``_map_rows`` applies."""
+    t = np.empty(3)
+    for c in range(3):
+        t[c] = np.float64(offset[c])
+    return matrix.astype(np.float64) * inv, t
+
+
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _transform(x, rows, dest, start, normalize, matrix, offset, out, sums):
     """Cloud x[rows[j]] -> out[dest[j]] for each j; x (M, N, 6) float32, or float16 as its uint16 bits
@@ -100,9 +181,10 @@ def _transform(x, rows, dest, start, normalize, matrix, offset, out, sums):
     xyz centred and scaled to the unit sphere (if ``normalize``), then @ matrix[b] + offset[b]; rgb
     (0-255 when its maximum exceeds 1) clipped to [0, 1] and mapped to [-1, 1]; rows rolled so that
     out[b, 0] is the cloud's row start[b]. sums (B, 6) float64: each channel's sum (non-finite = bad
-    cloud). Three passes per cloud: the first reads the source into out, the other two stay in cache."""
+    cloud). Three passes per cloud, for clouds whose statistics are not known (``_transform_known``):
+    the first reads the source into out while summing, the second finds the radius, the third
+    transforms in place; the last two stay in cache."""
     n = x.shape[1]
-    lo, hi = np.float32(0), np.float32(1)
     block_sums, block_peaks = np.empty(48), np.empty(48, np.float32)
     for j in range(len(rows)):
         b, s = dest[j], start[dest[j]]
@@ -113,42 +195,74 @@ def _transform(x, rows, dest, start, normalize, matrix, offset, out, sums):
         # source row i goes to output row i - s, wrapped: two runs of consecutive rows
         _copy_counting(src[6 * s:], dst[:6 * (n - s)], block_sums, block_peaks)
         _copy_counting(src[:6 * s], dst[6 * (n - s):], block_sums, block_peaks)
-        peak = np.float32(-np.inf)
-        for c in range(6):
-            total = 0.0
-            for k in range(c, 48, 6):
-                total += block_sums[k]
-                if c >= 3:
-                    peak = max(peak, block_peaks[k])
-            sums[b, c] = total
+        peak = _channel_sums(block_sums, block_peaks, sums[b])
         mx, my, mz, inv = (sums[b, 0] / n, sums[b, 1] / n, sums[b, 2] / n, 1.0) if normalize else (0.0, 0.0, 0.0, 1.0)
         if normalize:
-            r2 = 0.0
-            for i in range(n):
-                dx, dy, dz = y[i, 0] - mx, y[i, 1] - my, y[i, 2] - mz
-                r2 = max(r2, dx * dx + dy * dy + dz * dz)
+            r2 = _radius2(y, mx, my, mz)
             if r2 > 0:
                 inv = 1.0 / math.sqrt(r2)
-        # xyz @ (inv * matrix) + offset, in float64; the matrix in scalars, so the loop keeps them in registers
-        a = matrix[b].astype(np.float64) * inv
-        a00, a01, a02, a10, a11, a12, a20, a21, a22 = a[0, 0], a[0, 1], a[0, 2], a[1, 0], a[1, 1], a[1, 2], \
-            a[2, 0], a[2, 1], a[2, 2]
-        t0, t1, t2 = np.float64(offset[b, 0]), np.float64(offset[b, 1]), np.float64(offset[b, 2])
+        a, t = _affine(matrix[b], offset[b], inv)
         colour = np.float32(1) / np.float32(255) if peak > 1 else np.float32(1)  # rgb stored as 0-255, or 0-1
-        for i in range(n):  # flat indices 6 * i: a stride LLVM can see, so the loop vectorises
-            k = 6 * i
-            dx, dy, dz = dst[k] - mx, dst[k + 1] - my, dst[k + 2] - mz
-            dst[k] = dx * a00 + dy * a10 + dz * a20 + t0
-            dst[k + 1] = dx * a01 + dy * a11 + dz * a21 + t1
-            dst[k + 2] = dx * a02 + dy * a12 + dz * a22 + t2
-            dst[k + 3] = min(max(dst[k + 3] * colour, lo), hi) * np.float32(2) - hi
-            dst[k + 4] = min(max(dst[k + 4] * colour, lo), hi) * np.float32(2) - hi
-            dst[k + 5] = min(max(dst[k + 5] * colour, lo), hi) * np.float32(2) - hi
+        _map_in_place(dst, mx, my, mz, a, t, colour)
 
 
-def _kernel_input(clouds, rows, positions):
-    """(clouds, rows, positions) as the kernel takes them: float16 or float32 C-contiguous clouds
-    (other dtypes, or a strided array, become a float32 copy of just the rows asked for), int64 indices."""
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _transform_known(x, rows, dest, start, normalize, matrix, offset, out, sums, stats):
+    """``_transform`` in one pass, for clouds whose statistics the conversion stored (stats[rows[j]]:
+    centre, radius, rgb 0-255 flag, as ``cloud_statistics`` computes them): each value is read from
+    the shard, transformed and written once. sums[b, :] = the sum of every value read, so NaN or inf
+    still marks the cloud bad (the statistics, made from the clean cloud, cannot)."""
+    n = x.shape[1]
+    for j in range(len(rows)):
+        b, s, known = dest[j], start[dest[j]], stats[rows[j]]
+        src, dst = x[rows[j]].reshape(-1), out[b].reshape(-1)
+        mx, my, mz, inv = (known[0], known[1], known[2], 1.0) if normalize else (0.0, 0.0, 0.0, 1.0)
+        if normalize and known[3] > 0:
+            inv = 1.0 / known[3]
+        a, t = _affine(matrix[b], offset[b], inv)
+        colour = np.float32(1) / np.float32(255) if known[4] > 0 else np.float32(1)
+        total = _map_rows(src[6 * s:], dst[:6 * (n - s)], mx, my, mz, a, t, colour)
+        total += _map_rows(src[:6 * s], dst[6 * (n - s):], mx, my, mz, a, t, colour)
+        sums[b, :] = total
+
+
+STATISTICS = ("centre x", "centre y", "centre z", "radius", "rgb 0-255")
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def _statistics(x, stats):
+    n = x.shape[1]
+    y = np.empty((n, 6), np.float32)
+    block_sums, block_peaks, sums = np.empty(48), np.empty(48, np.float32), np.empty(6)
+    for j in range(x.shape[0]):
+        block_sums[:] = 0.0
+        block_peaks[:] = -np.inf
+        _copy_counting(x[j].reshape(-1), y.reshape(-1), block_sums, block_peaks)
+        peak = _channel_sums(block_sums, block_peaks, sums)
+        mx, my, mz = sums[0] / n, sums[1] / n, sums[2] / n
+        stats[j, 0], stats[j, 1], stats[j, 2] = mx, my, mz
+        stats[j, 3] = math.sqrt(_radius2(y, mx, my, mz))
+        stats[j, 4] = 1.0 if peak > 1 else 0.0
+
+
+def cloud_statistics(clouds) -> np.ndarray:
+    """(n, P, 6) float16 clouds -> (n, 5) float64: each cloud's xyz centre (the mean), its radius about
+    that centre and 1.0 if its rgb is 0-255 (peak > 1) else 0.0 (columns: ``STATISTICS``), computed by
+    the kernel's own passes from the float16 values as stored, so that ``_transform_known`` gives what
+    ``_transform`` gives. The float64 channel sums of at most 8192 float16 values are exact in any
+    order, so a cloud rolled to another start row has the same centre."""
+    clouds = np.ascontiguousarray(clouds, dtype=np.float16)
+    if clouds.ndim != 3 or clouds.shape[2] != 6:
+        raise PointCloudError(f"expected (n, P, 6) clouds, got shape {clouds.shape}")
+    stats = np.empty((len(clouds), len(STATISTICS)))
+    _statistics(clouds.view(np.uint16), stats)
+    return stats
+
+
+def _kernel_input(clouds, rows, positions, stats=None):
+    """(clouds, rows, positions, stats) as the kernel takes them: float16 or float32 C-contiguous clouds
+    (other dtypes, or a strided array, become a float32 copy of just the rows asked for), int64 indices,
+    stats None or (M, 5) float64 (``cloud_statistics`` of the clouds, row for row)."""
     clouds = np.asarray(clouds)
     if clouds.ndim != 3 or clouds.shape[2] != 6 or clouds.shape[1] == 0:
         raise PointCloudError(f"expected (B, N, 6) clouds, got shape {clouds.shape}")
@@ -157,10 +271,14 @@ def _kernel_input(clouds, rows, positions):
         raise ValueError(f"{len(rows)} rows for {len(positions)} batch positions")
     if len(rows) and (rows.min() < 0 or rows.max() >= len(clouds)):  # the kernel does not check
         raise IndexError(f"rows {rows.min()}..{rows.max()} asked of {len(clouds)} clouds")
+    if stats is not None and (stats.shape != (len(clouds), len(STATISTICS)) or stats.dtype != np.float64):
+        raise ValueError(f"statistics: expected ({len(clouds)}, {len(STATISTICS)}) float64 for {len(clouds)} "
+                         f"clouds, got {stats.dtype} {stats.shape}")
     if clouds.dtype not in (np.float16, np.float32) or not clouds.flags.c_contiguous:
         clouds = np.ascontiguousarray(clouds[rows], dtype=np.float32)
+        stats = None if stats is None else stats[rows]
         rows = np.arange(len(rows))
-    return clouds, rows, positions
+    return clouds, rows, positions, stats
 
 
 class PointProcessor(BaseProcessor):
@@ -189,19 +307,24 @@ class PointProcessor(BaseProcessor):
         return self.batch_from([(clouds, rows, rows)], len(rows), out)
 
     def batch_from(self, parts, count, out=None):
-        """A batch of ``count`` clouds taken where they lie: each part ``(clouds, rows, positions)``,
-        clouds an (M, N, 6) array (a memory-mapped shard, say), puts clouds[rows[k]] at batch
-        position positions[k]. The kernel reads the rows straight into the batch (float16 converted as
-        it goes; rows in ascending order read a shard front to back). -> ((count, num_points, 6)
+        """A batch of ``count`` clouds taken where they lie: each part ``(clouds, rows, positions)`` or
+        ``(clouds, rows, positions, stats)``, clouds an (M, N, 6) array (a memory-mapped shard, say),
+        puts clouds[rows[k]] at batch position positions[k]. The kernel reads the rows straight into the
+        batch (float16 converted as it goes; rows in ascending order read a shard front to back). Which
+        kernel: with ``stats`` (the shard's ``cloud_statistics``, stored by the conversion) and no
+        resampling (clouds of ``num_points``), the one-pass ``_transform_known``; otherwise (shards
+        written before statistics were stored, per-object files, resampled clouds) the three-pass
+        ``_transform``, which finds each cloud's centre, radius and colour range itself. Both give the
+        same output. -> ((count, num_points, 6)
         float32 tensor, finite (count,) bool); the tensor is ``out`` when given, so a caller can
         choose where the batch lives. Each cloud gets its own draws. A cloud with NaN or inf comes
         out as garbage with ``finite[b] = False``: send it through ``processor(cloud)`` for the error."""
         parts = [_kernel_input(*part) for part in parts]
-        sizes = {clouds.shape[1] for clouds, _, _ in parts}
+        sizes = {clouds.shape[1] for clouds, _, _, _ in parts}
         if len(sizes) != 1:
             raise PointCloudError(f"clouds of one batch must have one size, got {sorted(sizes)} points")
         n = sizes.pop()
-        if not np.array_equal(np.sort(np.concatenate([positions for _, _, positions in parts])), np.arange(count)):
+        if not np.array_equal(np.sort(np.concatenate([positions for _, _, positions, _ in parts])), np.arange(count)):
             raise ValueError(f"the parts must fill each of the {count} batch positions once")  # the kernel trusts them
         if out is None:
             out = torch.empty((count, self.num_points, 6))
@@ -214,12 +337,16 @@ class PointProcessor(BaseProcessor):
                      for k, v in draws.items()}
         start = np.zeros(count, np.int64) if draws["start"] is None else draws["start"]
         target, sums, finite = out.numpy(), np.empty((count, 6)), np.empty(count, bool)
-        for clouds, rows, positions in parts:
+        for clouds, rows, positions, stats in parts:
             if draws["rows"] is not None:  # resampled first, so the kernel's sums do not see every point
                 finite[positions] = np.isfinite(clouds[rows]).all(axis=(1, 2))
-                clouds, rows = clouds[rows[:, None], draws["rows"][positions]], np.arange(len(rows))
-            _transform(clouds.view(np.uint16) if clouds.dtype == np.float16 else clouds, rows, positions, start,
-                       self.normalize, draws["matrix"], draws["offset"], target, sums)
+                clouds, rows, stats = clouds[rows[:, None], draws["rows"][positions]], np.arange(len(rows)), None
+            args = (clouds.view(np.uint16) if clouds.dtype == np.float16 else clouds, rows, positions, start,
+                    self.normalize, draws["matrix"], draws["offset"], target, sums)
+            if stats is None:
+                _transform(*args)
+            else:
+                _transform_known(*args, stats)
         if draws["rows"] is None:
             finite = np.isfinite(sums).all(axis=1)
         if draws["drop"] is not None:
@@ -245,10 +372,10 @@ class PointProcessor(BaseProcessor):
         if rng is not None:
             if self.rotate:
                 a = rng.uniform(0, 2 * math.pi, count)
-                c, s, zero, one = np.cos(a), np.sin(a), np.zeros(count), np.ones(count)
+                c, s = np.cos(a), np.sin(a)
                 # rows are applied as xyz @ matrix: the transpose of the rotation [[c, -s, 0], [s, c, 0], ...]
-                matrix = np.stack([np.stack([c, s, zero], -1), np.stack([-s, c, zero], -1),
-                                   np.stack([zero, zero, one], -1)], 1).astype(np.float32)
+                matrix = np.zeros((count, 3, 3), np.float32)
+                matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1], matrix[:, 2, 2] = c, s, -s, c, 1
             if self.scale:
                 matrix = matrix * rng.uniform(*self.scale, count).astype(np.float32)[:, None, None]
             if self.shift > 0:
