@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -116,3 +117,51 @@ def test_a_prompt_ending_in_a_space_leaves_the_first_caption_word_in_the_loss():
     full = model.opt_tokenizer(model.prompt + CAPTIONS[0]).input_ids
     n = model.prompt_length(model.prompt)
     assert model.opt_tokenizer.decode(full[n:]) == " " + CAPTIONS[0]  # the space travels with "a"
+
+
+def encoder_calls(model):
+    """Clouds the point encoder has encoded so far (a forward hook counts its batch sizes)."""
+    count = []
+    model.point_encoder.register_forward_hook(lambda module, args, out: count.append(len(args[0])))
+    return count
+
+
+def test_point_token_cache_encodes_each_cloud_once_and_changes_nothing():
+    torch.manual_seed(0)
+    cached = small_stage2(freeze_encoder=True, point_token_cache_size=10).train()
+    plain = small_stage2(freeze_encoder=True).train()
+    plain.load_state_dict(cached.state_dict())
+    calls = encoder_calls(cached)
+    pts = clouds()
+    for step in range(3):
+        batch = {"point": pts if step != 1 else pts.flip(0), "text_input": CAPTIONS}
+        losses = [m(batch)["loss"] for m in (cached, plain)]
+        assert torch.allclose(losses[0], losses[1], atol=1e-6)
+        for loss in losses:
+            loss.backward()
+    assert sum(calls) == 2  # the two clouds once each; steps 2 and 3 are hits
+    assert (cached.token_cache.hits, cached.token_cache.misses) == (4, 2)
+    for (name, p), q in zip(cached.named_parameters(), plain.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+    # a changed cloud (augmentation, say) misses; evaluation never uses the cache
+    moved = pts.clone()
+    moved[0, :, 0] += 0.1
+    cached({"point": moved, "text_input": CAPTIONS})
+    assert sum(calls) == 3
+    cached.eval()({"point": pts, "text_input": CAPTIONS})
+    assert sum(calls) == 5
+
+
+def test_point_token_cache_holds_at_most_its_capacity():
+    model = small_stage2(freeze_encoder=True, point_token_cache_size=1).train()
+    calls = encoder_calls(model)
+    for _ in range(2):
+        model({"point": clouds(), "text_input": CAPTIONS})
+    assert len(model.token_cache.entries) == 1 and sum(calls) == 3  # the second cloud is encoded each time
+
+
+def test_point_token_cache_refuses_a_trainable_encoder():
+    with pytest.raises(ValueError, match="freeze_encoder"):
+        small_stage2(freeze_encoder=False, point_token_cache_size=8)

@@ -3,6 +3,7 @@
 Points (B, N, 6) -> point_tokens (B, G, width) -> @ pc_projection (B, G, encoder_width)
 -> cross-attended by query_tokens in the Q-Former -> query outputs (B, Q, hidden).
 """
+import hashlib
 import importlib.resources
 import logging
 
@@ -58,10 +59,14 @@ class PointQueryModel(BaseModel):
     PRETRAINED_OPTIONAL = ()
 
     def __init__(self, point_encoder_cfg, qformer_cfg, num_query_token=32, freeze_encoder=False,
-                 qformer_init=None, tokenizer=MINILM):
+                 qformer_init=None, tokenizer=MINILM, point_token_cache_size=0):
         super().__init__()
         self.point_encoder = PointBertEncoder.from_config(encoder_config(point_encoder_cfg))
         self.freeze_encoder = freeze_encoder
+        if point_token_cache_size and not freeze_encoder:
+            raise ValueError("point_token_cache_size needs freeze_encoder: true (a trained encoder's "
+                             "tokens change at every step)")
+        self.token_cache = PointTokenCache(point_token_cache_size)
         if freeze_encoder:
             for p in self.point_encoder.parameters():
                 p.requires_grad = False
@@ -87,6 +92,7 @@ class PointQueryModel(BaseModel):
             freeze_encoder=cfg.get("freeze_encoder", False),
             qformer_init=cfg.get("qformer_init", None),
             tokenizer=cfg.get("tokenizer", MINILM),
+            point_token_cache_size=cfg.get("point_token_cache_size", 0),
         )
 
     def train(self, mode=True):
@@ -97,8 +103,11 @@ class PointQueryModel(BaseModel):
 
     def encode_point_tokens(self, points):
         """(B, N, 6) -> projected point tokens (B, G, encoder_width)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
-            tokens = self.point_encoder(points)
+        if self.training and self.token_cache.capacity:
+            tokens = self.token_cache.tokens(points, self.point_encoder)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+                tokens = self.point_encoder(points)
         return tokens @ self.pc_projection
 
     def query_outputs(self, point_tokens):
@@ -130,3 +139,36 @@ class PointQueryModel(BaseModel):
             self.load_from_pretrained(cfg.pretrained)
         if cfg.get("finetuned"):
             self.load_checkpoint(cfg.finetuned)
+
+
+class PointTokenCache:
+    """The frozen encoder's tokens of clouds seen before in training, keyed by the cloud's bytes.
+
+    With the encoder frozen (eval mode, no gradients) a cloud's tokens depend on its values alone, so a
+    cloud that comes back unchanged, as every cloud does each epoch when training has no augmentation,
+    need not be encoded again. Keyed by content, the cache cannot serve a stale entry: an augmented
+    cloud simply misses. Holds at most ``capacity`` clouds (G x width floats each); later clouds are
+    encoded every time. Lives in memory only, per process; never in checkpoints.
+    """
+
+    def __init__(self, capacity=0):
+        self.capacity, self.entries, self.hits, self.misses = int(capacity or 0), {}, 0, 0
+
+    def tokens(self, points, encoder):
+        keys = [hashlib.blake2b(cloud.numpy().tobytes(), digest_size=16).digest()
+                for cloud in points.detach().cpu().contiguous()]
+        missing = [i for i, key in enumerate(keys) if key not in self.entries]
+        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
+        fresh = {}
+        if missing:
+            with torch.no_grad():
+                encoded = encoder(points[missing])
+            fresh = {keys[i]: tokens for i, tokens in zip(missing, encoded)}
+            for key, tokens in fresh.items():
+                if len(self.entries) >= self.capacity:
+                    break
+                self.entries[key] = tokens.clone()  # not a view: the batch can be freed
+        return torch.stack([fresh[key] if key in fresh else self.entries[key] for key in keys])
+
+    def summary(self):
+        return f"{len(self.entries)} of {self.capacity} clouds held; {self.hits} hits, {self.misses} misses so far"

@@ -123,6 +123,9 @@ class RunnerPoint(RunnerBase):
             if not self.evaluate_only:
                 logging.info("Start training")
                 self.log_stats(split_name="train", stats=self.train_epoch(cur_epoch))
+                cache = getattr(self.unwrap_dist_model(self.model), "token_cache", None)
+                if cache is not None and cache.capacity:
+                    logging.info("Point token cache: %s", cache.summary())
                 self._save_checkpoint(cur_epoch, name="last", rng=rng_state.capture_all_ranks())
             for split_name in self.valid_splits:
                 logging.info("Evaluating on %s.", split_name)
