@@ -17,8 +17,9 @@ Each pass visits every item once in one shuffled order, as training does:
 is larger than memory; "warm" passes reread what is cached. Each measurement is the median of
 --repeats passes, pickles and shards alternating (the machine may be shared). torch runs on one thread, as in a
 DataLoader worker (training uses num_workers: 4). Prints one JSON line per measurement, the load
-average before and after, where a warm batched pass spends its time per cloud, and the shard/pickle
-ratios last.
+average before and after, the disk's own rate (cold plain sequential reads of each source's files, beside
+the cold batched pass's rate in MB of those files), where a warm batched pass spends its time per
+cloud, and the shard/pickle ratios last.
 
     python scripts/bench_data.py [--clouds 2000]
 """
@@ -68,6 +69,18 @@ def evict(folder):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def raw_read_mb_per_s(folder):
+    """MB/s of plain sequential reads of every file in ``folder`` after evicting it: what the disk
+    gives, to set beside a cold pass's MB/s."""
+    evict(folder)
+    started, total = time.perf_counter(), 0
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb", buffering=0) as f:
+            while chunk := f.read(1 << 23):
+                total += len(chunk)
+    return total / (time.perf_counter() - started) / 1e6
 
 
 def dataset(root, source):
@@ -157,6 +170,13 @@ def main():
                     results[(what, cache, source)] = r = float(np.median(rates))
                     print(json.dumps({"measure": what, "cache": cache, "source": source, "clouds_per_s": round(r, 1),
                                       "runs": [round(x, 1) for x in rates]}))
+        for source in ("pickles", "shards"):  # is a cold pass disk-bound? the disk's own rate beside it
+            raw = [raw_read_mb_per_s(folders[source]) for _ in range(args.repeats)]
+            folder_mb = sum(os.path.getsize(os.path.join(folders[source], n)) for n in os.listdir(folders[source])) / 1e6
+            print(json.dumps({"measure": "raw sequential read of the files", "cache": "cold", "source": source,
+                              "mb_per_s": round(float(np.median(raw)), 1), "runs": [round(x, 1) for x in raw],
+                              "batched_cold_mb_per_s": round(results[("batched", "cold", source)] * folder_mb
+                                                             / args.clouds, 1)}))
         for source in ("pickles", "shards"):  # where a warm batched pass spends its time, per cloud
             print(json.dumps({"source": source, "us_per_cloud": stages(datasets[source], order, batch_size,
                                                                        args.repeats)}))

@@ -37,19 +37,22 @@ def batch_tensor(shape) -> torch.Tensor:
 
 def whole_of(rows):
     """The tensor whose rows ``rows`` are, all of them in order and nothing else (so returning it
-    equals stacking them), or None. Decided from storage and offsets: no data is read."""
+    equals stacking them), or None. Decided from storage and addresses: no data is read. A row whose
+    data starts where row k of ``rows[0]``'s storage starts lies in that storage, since the storage
+    holds exactly len(rows) rows."""
     first = rows[0]
-    if not isinstance(first, torch.Tensor):
+    if not isinstance(first, torch.Tensor) or not first.is_contiguous():
         return None
     storage, numel = first.untyped_storage(), first.numel()
-    if storage.nbytes() != numel * first.element_size() * len(rows):
+    nbytes = numel * first.element_size()
+    if storage.nbytes() != nbytes * len(rows) or first.storage_offset() != 0:
         return None
+    base, dtype, shape = storage.data_ptr(), first.dtype, first.shape
     for k, row in enumerate(rows):
-        if not (isinstance(row, torch.Tensor) and row.dtype == first.dtype and row.shape == first.shape
-                and row.is_contiguous() and row.storage_offset() == k * numel
-                and row.untyped_storage().data_ptr() == storage.data_ptr()):
+        if not (isinstance(row, torch.Tensor) and row.data_ptr() == base + k * nbytes and row.dtype == dtype
+                and row.shape == shape and row.is_contiguous()):
             return None
-    return first.as_strided((len(rows),) + tuple(first.shape), (numel,) + first.stride(), 0)
+    return first.as_strided((len(rows),) + tuple(shape), (numel,) + first.stride(), 0)
 
 
 def collate(samples):

@@ -96,8 +96,8 @@ class PointCaptionDataset(Dataset):
         except BAD_SAMPLE_ERRORS:
             return [self[i] for i in indices]
         items = []
-        for k, i in enumerate(indices):
-            point = points[k] if finite[k] else None
+        for k, (i, point) in enumerate(zip(indices, points.unbind(0))):  # unbind: the row views in one call
+            point = point if finite[k] else None
             items.append(load_or_skip(lambda j: self.load(j, point if j == i else None), i, len(self),
                                       self.is_train, self.describe))
         return items
