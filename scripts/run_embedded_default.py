@@ -26,7 +26,7 @@ def step(name, script, cfg, options):
     tail = []
     for line in proc.stdout:
         tail = (tail + [line])[-80:]
-        if line.startswith(("Train: data epoch", "Evaluation Total")):
+        if line.startswith(("Train: data epoch", "Evaluation Total")) or "Point token cache" in line:
             print("   ", line.rstrip()[:160], flush=True)
     if proc.wait() != 0:
         print("".join(tail))

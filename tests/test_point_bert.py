@@ -3,7 +3,7 @@ import torch
 
 import lavis_point  # noqa: F401
 from lavis_point.models.grouping import farthest_point_sample, group_points, knn
-from lavis_point.models.point_bert import PointBertEncoder
+from lavis_point.models.point_bert import PointBertEncoder, conv_forward
 from tests.layouts import point_encoder_layout, shapes_of
 
 
@@ -89,15 +89,6 @@ def test_gpt4point_size_encoder_has_exactly_the_published_layout():
     assert shapes_of(enc.state_dict()) == point_encoder_layout()
 
 
-def conv_reference(net, groups):
-    """MiniPointNet as its modules are written: Conv1d on (BG, C, k), max-pool, concat, Conv1d."""
-    batch, num_groups, k, channels = groups.shape
-    x = groups.reshape(batch * num_groups, k, channels).transpose(1, 2)
-    f = net.first_conv(x)
-    f = torch.cat([f.max(dim=2, keepdim=True).values.expand(-1, -1, k), f], dim=1)
-    return net.second_conv(f).max(dim=2).values.reshape(batch, num_groups, -1)
-
-
 @pytest.mark.parametrize("training", [True, False])
 def test_mini_pointnet_matmul_forward_equals_the_conv_modules(training):
     """The forward runs the 1x1 convs as matmuls and splits the concat; outputs, gradients and
@@ -107,7 +98,7 @@ def test_mini_pointnet_matmul_forward_equals_the_conv_modules(training):
     slow = tiny_encoder().encoder.train(training)
     slow.load_state_dict(fast.state_dict())
     groups = torch.randn(3, 5, 8, 6)
-    out_fast, out_slow = fast(groups), conv_reference(slow, groups)
+    out_fast, out_slow = fast(groups), conv_forward(slow, groups)
     assert torch.allclose(out_fast, out_slow, atol=1e-5)
     out_fast.square().sum().backward()
     out_slow.square().sum().backward()

@@ -59,6 +59,15 @@ class MiniPointNet(nn.Module):
         return f.reshape(batch * num_groups, k, -1).max(dim=1).values.reshape(batch, num_groups, -1)
 
 
+def conv_forward(net, groups):
+    """``MiniPointNet`` as its modules are written (Conv1d on (BG, C, k), max-pool, concat, Conv1d): the
+    reference its forward is tested and benchmarked against."""
+    batch, num_groups, k, channels = groups.shape
+    f = net.first_conv(groups.reshape(batch * num_groups, k, channels).transpose(1, 2))
+    f = torch.cat([f.max(dim=2, keepdim=True).values.expand(-1, -1, k), f], dim=1)
+    return net.second_conv(f).max(dim=2).values.reshape(batch, num_groups, -1)
+
+
 class TransformerBlocks(nn.Module):
     """Blocks that take ``x + pos`` at every block, as Point-BERT does."""
 
