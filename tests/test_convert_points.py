@@ -13,6 +13,7 @@ from lavis_point.data_io.shards import ShardedClouds, stats_name
 from lavis_point.datasets.cap3d import locate_clouds, read_annotations
 from lavis_point.processors.point_processors import PointTrainProcessor, cloud_statistics
 from tests import point_files as pf
+from tests.rounding import assert_within_rounding, one_pass_tolerance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +65,7 @@ def test_good_clouds_land_in_shards_bit_exact_and_bad_ones_are_reported(mixed, t
     assert sorted(n for n in os.listdir(out) if n.endswith(".npy")) == sorted(shards + [stats_name(n) for n in shards])
 
 
-def test_shards_converted_with_or_without_statistics_give_the_same_batches(mixed, tmp_path):
+def test_shards_converted_with_or_without_statistics_give_the_same_batches_to_float_rounding(mixed, tmp_path):
     annotations, folder, _, _, _ = mixed
     out = str(tmp_path / "shards")
     run_convert(annotations, folder, out, num_points=2048, shard_size=4)
@@ -77,7 +78,9 @@ def test_shards_converted_with_or_without_statistics_give_the_same_batches(mixed
     assert all(part[3] is not None for part in with_stats) and all(part[3] is None for part in without)
     one, ok1 = processor.batch_from(with_stats, len(entries))
     three, ok3 = processor.batch_from(without, len(entries))
-    assert ok1.all() and ok3.all() and torch.equal(one, three)
+    assert ok1.all() and ok3.all()
+    stats = np.concatenate([part[3] for part in with_stats])
+    assert_within_rounding(one, three, one_pass_tolerance(stats, max(processor.scale), processor.shift))
 
 
 def test_clouds_of_other_sizes_are_resampled_reproducibly(tmp_path):

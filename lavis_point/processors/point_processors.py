@@ -9,8 +9,9 @@ axis, point dropout. ``point_eval`` is deterministic: the same cloud always give
 ``processor.batch_from(parts, count)`` takes the batch's clouds where they lie (rows of memory-mapped
 float16 shards: the kernel reads and converts them straight into the batch tensor, no copy before).
 Shards converted with statistics (``cloud_statistics``: centre, radius, colour range per cloud) are
-processed in one pass per cloud; without them (older shards, per-object files) in three, which find
-the statistics first. Both give the same tensor.
+processed in one pass per cloud, in float32; without them (older shards, per-object files) in three,
+which find the statistics first and transform in float64. The two agree to float32 rounding (rgb
+exactly).
 ``processor(cloud)`` is that path with B = 1, so one item and a batch agree exactly when the draws
 agree (a seed, or no augmentation).
 """
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from lavis.common.registry import registry
 from lavis.processors.base_processor import BaseProcessor
+from llvmlite import binding as llvm_binding
 from llvmlite import ir as llvm_ir
 from numba import types
 from numba.extending import intrinsic, overload
@@ -50,6 +52,19 @@ def _float32_from_bits(typingctx, bits):
     return types.float32(types.uint32), codegen
 
 
+@intrinsic
+def _float32_from_half(typingctx, bits):
+    """The float32 value of the float16 whose bits are ``bits``: one hardware conversion (F16C)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], llvm_ir.HalfType()), llvm_ir.FloatType())
+    return types.float32(types.uint16), codegen
+
+
+# The hardware conversion where numba compiles for this CPU and it has one (x86 since 2012); otherwise
+# (numba told to target a generic CPU, say) the bit arithmetic below, which gives the same values.
+_HARDWARE_HALF = numba.config.CPU_NAME is None and bool(llvm_binding.get_host_cpu_features().get("f16c"))
+
+
 def _as_float32(value):
     """A stored value as float32 (compiled only: see its overload)."""
     raise NotImplementedError
@@ -57,7 +72,9 @@ def _as_float32(value):
 
 @overload(_as_float32)
 def _as_float32_overload(value):
-    if value == types.uint16:  # float16 bits: numba has no float16 on the CPU
+    if value == types.uint16 and _HARDWARE_HALF:  # float16 bits: numba has no float16 on the CPU
+        return lambda value: _float32_from_half(value)
+    if value == types.uint16:
         def from_half(value):
             h = np.uint32(value)
             bits = (h & np.uint32(0x7FFF)) << np.uint32(13)  # exponent and mantissa in float32's places
@@ -70,9 +87,11 @@ def _as_float32_overload(value):
 
 
 # Only reassociation and FMA contraction: the sums vectorise, and NaN/inf still reach them, which is
-# how a batch finds clouds to send back through the validating per-item path. Centring, radius and
-# transform are float64: a float32 cloud may span float32's whole range, where differences and
-# squares would overflow or underflow in float32.
+# how a batch finds clouds to send back through the validating per-item path. The three-pass kernel's
+# centring, radius and transform are float64: a float32 cloud may span float32's whole range, where
+# differences and squares would overflow or underflow in float32. The one-pass kernel's are float32:
+# its input is float16 (|x| <= 65504) and its statistics are given, so there are no squares and no
+# difference can overflow; it differs from the three passes by float32 rounding only.
 _FASTMATH = {"reassoc", "contract"}
 
 
@@ -122,10 +141,11 @@ def _radius2(y, mx, my, mz):
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _map_rows(src, dst, mx, my, mz, a, t, colour):
-    """dst = src's flat rows of 6 (float32, or float16 as uint16 bits) transformed: xyz centred on
-    (mx, my, mz) then @ a (float64, 3 x 3, the scale folded in) + t; rgb * colour clipped to [0, 1] and
-    mapped to [-1, 1]. Each value read once and written once; returns the float32 sum of what was read
-    (non-finite: the source held NaN or inf; finite float16 cannot overflow it)."""
+    """dst = src's flat rows of 6 (float16 as uint16 bits) transformed: xyz centred on (mx, my, mz)
+    then @ a (3 x 3, the scale folded in) + t; rgb * colour clipped to [0, 1] and mapped to [-1, 1]. All
+    float32 (see _FASTMATH): a third faster than float64, whose interleaved rows vectorise half as wide.
+    Each value read once and written once; returns the float32 sum of what was read (non-finite: the
+    source held NaN or inf; finite float16 cannot overflow it)."""
     lo, hi = np.float32(0), np.float32(1)
     a00, a01, a02, a10, a11, a12, a20, a21, a22 = a[0, 0], a[0, 1], a[0, 2], a[1, 0], a[1, 1], a[1, 2], \
         a[2, 0], a[2, 1], a[2, 2]
@@ -208,10 +228,11 @@ def _transform(x, rows, dest, start, normalize, matrix, offset, out, sums):
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def _transform_known(x, rows, dest, start, normalize, matrix, offset, out, sums, stats):
-    """``_transform`` in one pass, for clouds whose statistics the conversion stored (stats[rows[j]]:
-    centre, radius, rgb 0-255 flag, as ``cloud_statistics`` computes them): each value is read from
-    the shard, transformed and written once. sums[b, :] = the sum of every value read, so NaN or inf
-    still marks the cloud bad (the statistics, made from the clean cloud, cannot)."""
+    """``_transform`` in one pass, for float16 clouds whose statistics the conversion stored
+    (stats[rows[j]]: centre, radius, rgb 0-255 flag, as ``cloud_statistics`` computes them): each value
+    is read from the shard, transformed and written once, in float32 (rgb as in ``_transform``, xyz
+    within float32 rounding of it). sums[b, :] = the sum of every value read, so NaN or inf still marks
+    the cloud bad (the statistics, made from the clean cloud, cannot)."""
     n = x.shape[1]
     for j in range(len(rows)):
         b, s, known = dest[j], start[dest[j]], stats[rows[j]]
@@ -219,7 +240,8 @@ def _transform_known(x, rows, dest, start, normalize, matrix, offset, out, sums,
         mx, my, mz, inv = (known[0], known[1], known[2], 1.0) if normalize else (0.0, 0.0, 0.0, 1.0)
         if normalize and known[3] > 0:
             inv = 1.0 / known[3]
-        a, t = _affine(matrix[b], offset[b], inv)
+        a, t = _affine(matrix[b], offset[b], inv)  # float64, then each rounded once to float32
+        mx, my, mz, a, t = np.float32(mx), np.float32(my), np.float32(mz), a.astype(np.float32), t.astype(np.float32)
         colour = np.float32(1) / np.float32(255) if known[4] > 0 else np.float32(1)
         total = _map_rows(src[6 * s:], dst[:6 * (n - s)], mx, my, mz, a, t, colour)
         total += _map_rows(src[:6 * s], dst[6 * (n - s):], mx, my, mz, a, t, colour)
@@ -311,11 +333,11 @@ class PointProcessor(BaseProcessor):
         ``(clouds, rows, positions, stats)``, clouds an (M, N, 6) array (a memory-mapped shard, say),
         puts clouds[rows[k]] at batch position positions[k]. The kernel reads the rows straight into the
         batch (float16 converted as it goes; rows in ascending order read a shard front to back). Which
-        kernel: with ``stats`` (the shard's ``cloud_statistics``, stored by the conversion) and no
-        resampling (clouds of ``num_points``), the one-pass ``_transform_known``; otherwise (shards
-        written before statistics were stored, per-object files, resampled clouds) the three-pass
-        ``_transform``, which finds each cloud's centre, radius and colour range itself. Both give the
-        same output. -> ((count, num_points, 6)
+        kernel: with ``stats`` (the shard's ``cloud_statistics``, stored by the conversion), float16
+        clouds and no resampling (clouds of ``num_points``), the one-pass ``_transform_known``;
+        otherwise (shards written before statistics were stored, per-object files, resampled clouds)
+        the three-pass ``_transform``, which finds each cloud's centre, radius and colour range itself.
+        The two agree to float32 rounding (rgb exactly). -> ((count, num_points, 6)
         float32 tensor, finite (count,) bool); the tensor is ``out`` when given, so a caller can
         choose where the batch lives. Each cloud gets its own draws. A cloud with NaN or inf comes
         out as garbage with ``finite[b] = False``: send it through ``processor(cloud)`` for the error."""
@@ -343,7 +365,7 @@ class PointProcessor(BaseProcessor):
                 clouds, rows, stats = clouds[rows[:, None], draws["rows"][positions]], np.arange(len(rows)), None
             args = (clouds.view(np.uint16) if clouds.dtype == np.float16 else clouds, rows, positions, start,
                     self.normalize, draws["matrix"], draws["offset"], target, sums)
-            if stats is None:
+            if stats is None or clouds.dtype != np.float16:  # float32 may overflow the one pass's float32
                 _transform(*args)
             else:
                 _transform_known(*args, stats)
