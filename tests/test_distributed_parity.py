@@ -105,7 +105,14 @@ def one_process(case, encode_halves_apart=False, monkeypatch=None):
     if encode_halves_apart:  # what per-process BatchNorm statistics compute, in one process
         encode = model.point_encoder.forward
         monkeypatch.setattr(model.point_encoder, "forward", lambda p: torch.cat([encode(h) for h in p.chunk(2)]))
-    losses = one_step(model, *batch())
+    # One thread, as each rank runs: reductions split across threads round differently, and the
+    # contrastive temperature's gradient (a sum that mostly cancels) magnifies that past 1e-4.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        losses = one_step(model, *batch())
+    finally:
+        torch.set_num_threads(threads)
     return losses, grads(model)
 
 
