@@ -59,7 +59,7 @@ LAYERS = (
     ("LayerNorm", ("layer_norm", "layernorm")),
     ("GELU", ("gelu",)),
     ("embeddings (dense grads)", ("embedding",)),
-    ("point encoder (conv, BN)", ("convolution", "batch_norm", "batchnorm")),
+    ("point encoder BatchNorm", ("convolution", "batch_norm", "batchnorm")),  # its 1x1 convs are matmuls
 )
 COPIES = {"copy_", "clone", "cat", "contiguous", "_to_copy", "to", "index", "index_select", "gather",
           "slice_backward", "select_backward", "index_put_", "masked_select", "stack", "repeat"}
