@@ -3,6 +3,7 @@ evaluation, through train.py / evaluate.py and LAVIS's runner, as a user runs th
 under torchrun with 2 CPU processes (gloo)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -38,8 +39,10 @@ def pipeline(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs"))
     run(["train.py", "--cfg-path", "projects/embedded/stage1.yaml", *options(out, "stage1")], out)
     stage1 = os.path.join(out, "stage1", "checkpoint_last.pth")
-    run(["train.py", "--cfg-path", "projects/embedded/stage2.yaml",
-         *options(out, "stage2", f"model.pretrained={stage1}")], out)
+    stage2_log = run(["train.py", "--cfg-path", "projects/embedded/stage2.yaml",
+                      *options(out, "stage2", f"model.pretrained={stage1}")], out)
+    with open(os.path.join(out, "stage2_output.log"), "w") as f:
+        f.write(stage2_log)
     stage2 = os.path.join(out, "stage2", "checkpoint_last.pth")
     log = run(["evaluate.py", "--cfg-path", "projects/embedded/caption_eval.yaml",
                *options(out, "eval", f"model.finetuned={stage2}")], out)
@@ -64,6 +67,18 @@ def test_stage2_starts_from_stage1_weights(pipeline):
     fresh = load_model("point_opt", "caption_tiny").state_dict()[key]
     assert (s2[key] - s1[key]).abs().mean() < (s2[key] - fresh).abs().mean()
     assert "opt_proj.weight" in s2 and "itm_head.weight" not in s2
+
+
+def test_stage2_yaml_reuses_each_clouds_encoder_tokens(pipeline):
+    """projects/embedded/stage2.yaml caches the frozen encoder's tokens and trains without
+    augmentation, so a cloud met again (its QA items reuse the 64 caption clouds) is a cache hit:
+    what keeps the main job within its time budget."""
+    out, _ = pipeline
+    with open(os.path.join(out, "stage2_output.log")) as f:
+        found = re.findall(r"Point token cache: (\d+) of \d+ clouds held; (\d+) hits, (\d+) misses", f.read())
+    assert found, "no token cache summary in the stage-2 log"
+    held, hits, misses = map(int, found[-1])
+    assert held == 64 and misses < 64 + 16 and hits > misses  # each cloud encoded about once
 
 
 def test_evaluation_writes_lavis_results_and_metrics(pipeline):
