@@ -87,8 +87,14 @@ class PointQFormer(PointQueryModel):
     def encode_points(self, points):
         """(B, N, 6) -> (query outputs (B, Q, H), projected point tokens, normalised feats (B, Q, D))."""
         point_tokens = self.encode_point_tokens(points)
+        queries, feats = self.point_features(point_tokens)
+        return queries, point_tokens, feats
+
+    def point_features(self, point_tokens):
+        """Projected point tokens, or the Q-Former's ``project_points`` of them -> (query outputs
+        (B, Q, H), normalised feats (B, Q, D))."""
         queries = self.query_outputs(point_tokens)
-        return queries, point_tokens, F.normalize(self.point_proj(queries), dim=-1)
+        return queries, F.normalize(self.point_proj(queries), dim=-1)
 
     def encode_text(self, texts_or_tokens):
         """Texts (or tokenizer output) -> normalised text features (B, D): the [CLS] output (BLIP-2), or
@@ -120,7 +126,7 @@ class PointQFormer(PointQueryModel):
         texts = samples["text_input"]
         point_tokens = self.encode_point_tokens(samples["point"])
         points = self.Qformer.project_points(point_tokens)  # keys and values once for all three passes
-        point_feats = F.normalize(self.point_proj(self.query_outputs(points)), dim=-1)
+        _, point_feats = self.point_features(points)
         tokens = self.tokenize(texts)
         text_feat = self.encode_text(tokens)
         batch = point_feats.shape[0]
