@@ -11,9 +11,7 @@
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -24,6 +22,7 @@ from lavis.common.registry import registry  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from lavis_point.models.point_bert import MiniPointNet, conv_forward  # noqa: E402
+from scripts.bench_grouping import median_ms  # noqa: E402
 
 SIZES = {  # name: (pointnet dims, encoder dims, batch, groups, group size)
     "embedded default (tiny)": ((64, 128, 256), 128, 32, 64, 16),
@@ -33,12 +32,7 @@ SIZES = {  # name: (pointnet dims, encoder dims, batch, groups, group size)
 
 def median_s(fn, repeats):
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_ms(fn, repeats) / 1000
 
 
 def tokenizer(repeats):
