@@ -48,3 +48,23 @@ def test_shard_builder_names_the_missing_file(tmp_path):
     cfg = config("point_caption_shards", storage=str(tmp_path), splits=["train"])
     with pytest.raises(FileNotFoundError, match="train_points.npy"):
         registry.get_builder_class("point_caption_shards")(cfg).build_datasets()
+
+
+def test_match_by_gives_alike_items_one_match_id_through_the_batched_path(tmp_path):
+    cfg = config("shapes_point_caption", root=str(tmp_path), sizes=SIZES, num_points=2048)
+    cfg.match_by = ["color", "size"]
+    train = registry.get_builder_class("shapes_point_caption")(cfg).build_datasets()["train"]
+    batch = train.collater(train.__getitems__(list(range(len(train)))))
+    keys = [(a["color"], a["size"]) for a in train.annotations]
+    ids = batch["match_id"].tolist()
+    assert len(set(keys)) < len(keys)  # some items are alike, so the check below means something
+    assert all((ids[i] == ids[j]) == (keys[i] == keys[j]) for i in range(len(keys)) for j in range(len(keys)))
+    del cfg.match_by  # without it, items carry no match id (stage 1 then pairs each item with itself)
+    assert "match_id" not in registry.get_builder_class("shapes_point_caption")(cfg).build_datasets()["train"][0]
+
+
+def test_match_by_names_the_annotation_file_and_the_missing_field(tmp_path):
+    cfg = config("shapes_point_caption", root=str(tmp_path), sizes=SIZES, num_points=2048)
+    cfg.match_by = ["shape", "material"]
+    with pytest.raises(ValueError, match=r"train\.jsonl: match_by \['shape', 'material'\]: annotation 0 .*'material'"):
+        registry.get_builder_class("shapes_point_caption")(cfg).build_datasets()

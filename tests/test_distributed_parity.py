@@ -30,7 +30,9 @@ from tests.small_models import small_stage1
 B = 4
 CAPTIONS = ["a red cube", "a blue sphere", "a green cone", "a small ring",
             "a large helix", "a white cross", "a tiny pyramid", "a black cylinder"]
-CASES = ("batchnorm_eval", "batchnorm_train")
+CASES = ("batchnorm_eval", "batchnorm_train", "match_ids")
+# Items alike across the two halves (a dataset's match_by): ITC's positives must see the other rank's ids.
+MATCH_IDS = torch.tensor([0, 1, 2, 3, 4, 0, 6, 2])
 
 
 def batch():
@@ -47,15 +49,18 @@ def next_in_group(sim, same):
 def model_for(case):
     torch.manual_seed(0)
     model = small_stage1().train()
-    if case == "batchnorm_eval":
+    if case in ("batchnorm_eval", "match_ids"):
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm1d):
                 m.eval()
     return model
 
 
-def one_step(model, points, captions):
-    out = model({"point": points, "text_input": captions})
+def one_step(model, points, captions, match_ids=None):
+    samples = {"point": points, "text_input": captions}
+    if match_ids is not None:
+        samples["match_id"] = match_ids
+    out = model(samples)
     out["loss"].backward()
     return {k: v.item() for k, v in out.items()}
 
@@ -73,7 +78,8 @@ def rank_main(rank, init_file, out):
         result = {}
         for case in CASES:
             model = model_for(case)
-            losses = one_step(DistributedDataParallel(model), points[mine], captions[mine])
+            ids = MATCH_IDS[mine] if case == "match_ids" else None
+            losses = one_step(DistributedDataParallel(model), points[mine], captions[mine], ids)
             result[case] = {"losses": losses, "grads": grads(model)}
         torch.save(result, out)
         dist.destroy_process_group()
@@ -110,7 +116,7 @@ def one_process(case, encode_halves_apart=False, monkeypatch=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        losses = one_step(model, *batch())
+        losses = one_step(model, *batch(), MATCH_IDS if case == "match_ids" else None)
     finally:
         torch.set_num_threads(threads)
     return losses, grads(model)
@@ -146,3 +152,10 @@ def test_with_batchnorm_training_per_process_statistics_are_the_only_difference(
     _, plain = one_process("batchnorm_train")  # whole-batch statistics: measurably different gradients
     ddp = two_processes[0]["batchnorm_train"]["grads"]
     assert not all(torch.allclose(ddp[n], g, rtol=1e-4, atol=1e-6) for n, g in plain.items())
+
+
+def test_alike_items_on_different_ranks_are_positives_as_in_one_process(two_processes, monkeypatch):
+    monkeypatch.setattr(point_qformer, "sample_hard_negatives", next_in_group)
+    losses, g = one_process("match_ids")
+    assert losses["loss_itc"] != pytest.approx(one_process("batchnorm_eval")[0]["loss_itc"])  # the ids count
+    assert_parity(two_processes, "match_ids", losses, g)

@@ -152,3 +152,51 @@ def test_projecting_the_point_tokens_once_gives_the_losses_and_gradients_of_one_
     assert shared_grads.keys() == separate_grads.keys()
     for name, grad in shared_grads.items():
         assert torch.allclose(grad, separate_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_positives_of_each_item_alone_give_the_plain_contrastive_loss():
+    feats = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    sims = contrastive_similarities(feats[:, None].repeat(1, 2, 1), feats.flip(0), 0.1)
+    assert contrastive_loss(*sims, positives=torch.eye(5, dtype=torch.bool)) == pytest.approx(
+        contrastive_loss(*sims).item(), rel=1e-6)
+
+
+def test_alike_items_share_the_contrastive_target():
+    """Items 0 and 1 alike: each row's target is split between them, so their cross similarity is
+    pulled up (negative gradient), where the plain loss pushes it down."""
+    feats = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    positives = torch.eye(4, dtype=torch.bool)
+    positives[0, 1] = positives[1, 0] = True
+    grads = []
+    for pos in (None, positives):
+        sim = (feats @ feats.T).requires_grad_()  # temperature 1: every pair keeps some probability
+        contrastive_loss(sim, sim.T, positives=pos).backward()
+        grads.append(sim.grad[0, 1].item())
+    assert grads[0] > 0 > grads[1]
+
+
+def test_match_ids_make_alike_items_positives_and_never_matching_negatives(monkeypatch):
+    from lavis_point.models import point_qformer
+    drawn, targets = [], []
+
+    def record_negatives(sim, same):
+        drawn.append(same.clone())
+        return sample_hard_negatives(sim, same)
+
+    def record_loss(sim_p2t, sim_t2p, positives=None):
+        targets.append(positives)
+        return contrastive_loss(sim_p2t, sim_t2p, positives=positives)
+
+    monkeypatch.setattr(point_qformer, "sample_hard_negatives", record_negatives)
+    monkeypatch.setattr(point_qformer, "contrastive_loss", record_loss)
+    model = small_stage1(global_itc_weight=1.0)
+    data = batch()
+    model(data)
+    model({**data, "match_id": torch.tensor([7, 7, 3, 5])})
+    expected = torch.eye(4, dtype=torch.bool)
+    expected[0, 1] = expected[1, 0] = True
+    assert targets[0] is None and targets[1] is None  # no ids: each item its own pair (ITC, global term)
+    assert torch.equal(targets[2], expected) and torch.equal(targets[3], expected)
+    # ITM never draws an alike item as a negative (both ways), nor, as before, an identical caption
+    assert torch.equal(drawn[0], torch.eye(4, dtype=torch.bool))
+    assert torch.equal(drawn[2], expected) and torch.equal(drawn[3], expected)

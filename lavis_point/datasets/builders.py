@@ -13,10 +13,11 @@ from lavis_point.datasets.point_caption import PointCaptionDataset, read_jsonl
 from lavis_point.paths import config_path
 
 
-def shard_datasets(folder, splits, vis_processors, text_processors, vocabularies=None, prompt=None):
+def shard_datasets(folder, splits, vis_processors, text_processors, vocabularies=None, prompt=None, match_by=None):
     """Datasets over a folder of shards: ``{split}.jsonl`` (one entry per cloud: id, where its row is,
     caption or captions) and either ``{split}_points.npy`` ((n, P, 6), memory-mapped) or the numbered
-    shards scripts/convert_points.py writes (data_io/shards.py)."""
+    shards scripts/convert_points.py writes (data_io/shards.py). ``match_by``: annotation fields
+    that make items alike (``PointCaptionDataset.set_match_by``)."""
     datasets = {}
     for split in splits:
         points_path = os.path.join(folder, f"{split}_points.npy")
@@ -37,6 +38,8 @@ def shard_datasets(folder, splits, vis_processors, text_processors, vocabularies
             is_train,
         )
         dataset.vocabularies, dataset.prompt = vocabularies, prompt
+        if match_by:
+            dataset.set_match_by(list(match_by), index_path)
         datasets[split] = dataset
     return datasets
 
@@ -54,7 +57,7 @@ class PointCaptionShardsBuilder(BaseDatasetBuilder):
         folder = os.path.expandvars(os.path.expanduser(str(info.storage)))
         self.build_processors()
         return shard_datasets(folder, list(info.splits), self.vis_processors, self.text_processors,
-                              prompt=self.config.get("prompt"))
+                              prompt=self.config.get("prompt"), match_by=self.config.get("match_by"))
 
 
 @registry.register_builder("shapes_point_caption")
@@ -78,4 +81,4 @@ class ShapesPointCaptionBuilder(BaseDatasetBuilder):
         self.build_processors()
         vocabularies = {"shape": list(shapes.SHAPES), "color": list(shapes.COLORS), "size": list(shapes.SIZES)}
         return shard_datasets(folder, list(params["sizes"]), self.vis_processors, self.text_processors,
-                              vocabularies, prompt=self.config.get("prompt"))
+                              vocabularies, prompt=self.config.get("prompt"), match_by=self.config.get("match_by"))

@@ -133,7 +133,8 @@ class Cap3DPointCaptionBuilder(BaseDatasetBuilder):
         splits = list(info.splits)
         self.build_processors()
         if info.source == "shards":
-            return shard_datasets(resolve(root, info.shards), splits, self.vis_processors, self.text_processors)
+            return shard_datasets(resolve(root, info.shards), splits, self.vis_processors, self.text_processors,
+                                  match_by=self.config.get("match_by"))
         if info.source != "files":
             raise ValueError(f"datasets.cap3d_point_caption.build_info.source: expected 'shards' or 'files', "
                              f"got '{info.source}'")
@@ -149,5 +150,8 @@ class Cap3DPointCaptionBuilder(BaseDatasetBuilder):
         if not located:
             raise FileNotFoundError(f"{annotation_path}: none of its objects has a cloud file in {folder}")
         is_train = split == "train"
-        return PointCaptionDataset(CloudFiles(), located, self.vis_processors["train" if is_train else "eval"],
-                                   self.text_processors["train" if is_train else "eval"], is_train)
+        dataset = PointCaptionDataset(CloudFiles(), located, self.vis_processors["train" if is_train else "eval"],
+                                      self.text_processors["train" if is_train else "eval"], is_train)
+        if self.config.get("match_by"):
+            dataset.set_match_by(list(self.config.match_by), annotation_path)
+        return dataset

@@ -55,7 +55,8 @@ def usable(caption) -> bool:
 
 
 class PointCaptionDataset(Dataset):
-    """Items: {"point": (P', 6) tensor, "text_input": caption, "instance_id": id}.
+    """Items: {"point": (P', 6) tensor, "text_input": caption, "instance_id": id}, and "match_id" (an
+    int) after ``set_match_by``.
 
     Training draws one of an entry's ``captions`` at random (or its ``caption``); evaluation uses the
     first. ``references`` gives every caption per id for caption metrics; ``vocabularies`` (set by
@@ -65,10 +66,26 @@ class PointCaptionDataset(Dataset):
     # Set from the dataset config's ``prompt`` when captions are mixed with data that has a prompt per
     # item (QA): LAVIS's ConcatDataset keeps only the keys every item has, so captions carry one too.
     prompt = None
+    match_ids = None
 
     def __init__(self, points, annotations, vis_processor, text_processor, is_train):
         self.points, self.annotations = points, annotations
         self.vis_processor, self.text_processor, self.is_train = vis_processor, text_processor, is_train
+
+    def set_match_by(self, fields, name="dataset"):
+        """Items whose annotations agree on ``fields`` describe the same thing (the embedded set's
+        captions say only shape, colour and size): each item carries ``match_id``, one int per
+        distinct value, numbered in annotation order so every rank numbers alike. Stage 1 counts such
+        pairs as positives in its contrastive loss and never draws them as matching negatives.
+        ``name``: the dataset, for the error when an annotation lacks a field."""
+        codes, ids = {}, []
+        for k, ann in enumerate(self.annotations):
+            missing = [f for f in fields if f not in ann]
+            if missing:
+                raise ValueError(f"{name}: match_by {list(fields)}: annotation {k} (id {ann.get('id')!r}) "
+                                 f"has no {missing}")
+            ids.append(codes.setdefault(tuple(ann[f] for f in fields), len(codes)))
+        self.match_ids = ids
 
     def __len__(self):
         return len(self.annotations)
@@ -109,6 +126,8 @@ class PointCaptionDataset(Dataset):
         if point is None:
             point = self.vis_processor(np.asarray(self.cloud_of(ann)))  # float16 rows: the processor converts
         item = {"point": point, "text_input": caption, "instance_id": ann["id"]}
+        if self.match_ids is not None:
+            item["match_id"] = self.match_ids[i]
         if self.prompt is not None:
             item["prompt"] = self.prompt
         return item

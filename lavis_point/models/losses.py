@@ -52,10 +52,15 @@ def contrastive_similarities(point_feats, text_feat, temp, all_text=None):
     return sim_p2t, sim_t2p
 
 
-def contrastive_loss(sim_p2t, sim_t2p, label_smoothing=0.1):
+def contrastive_loss(sim_p2t, sim_t2p, label_smoothing=0.1, positives=None):
+    """Cross-entropy both ways. Targets: each item's own pair, or with ``positives`` ((B, world*B)
+    bool, row i: the gathered items alike to local item i, its own pair included) all of them, in equal
+    shares (BLIP's retrieval targets for an image's captions)."""
     rank, _ = world()
     batch = sim_p2t.shape[0]
     targets = torch.arange(batch, device=sim_p2t.device) + rank * batch
+    if positives is not None:
+        targets = positives.float() / positives.sum(dim=1, keepdim=True)
     return (
         F.cross_entropy(sim_p2t, targets, label_smoothing=label_smoothing)
         + F.cross_entropy(sim_t2p, targets, label_smoothing=label_smoothing)

@@ -1,9 +1,13 @@
 """Stage 1: the point Q-Former, trained with BLIP-2's three losses on point-text pairs.
 
 - ITC: normalised query outputs vs the text [CLS], max over queries, learnable temperature,
-  label smoothing 0.1, gathered across ranks.
+  label smoothing 0.1, gathered across ranks. Batches whose items carry ``match_id`` (a dataset's
+  ``match_by`` fields) count every pair of alike items as positive, in equal shares, as BLIP's
+  retrieval fine-tuning does for the captions of one image: in the embedded set two clouds with the same
+  shape, colour and size have captions that cannot tell them apart.
 - ITM: bidirectional pass over (queries, text); one hard negative text per cloud and one hard
-  negative cloud per text, drawn from the contrastive similarities; a 2-way head averaged over queries.
+  negative cloud per text, drawn from the contrastive similarities (never an identical caption nor an
+  alike item); a 2-way head averaged over queries.
 - ITG: the text after a ``[DEC]`` token, generated from the queries under a causal text mask.
 - Optional (``global_itc_weight`` > 0, the embedded default): a second contrastive term between the
   text and the point encoder's own global feature (max over its tokens, as PointNet and ULIP pool).
@@ -135,12 +139,18 @@ class PointQFormer(PointQueryModel):
             self.temp.clamp_(0.001, 0.5)
         all_text = gather(text_feat)  # once: the global term below compares with the same texts
         sim_p2t, sim_t2p = contrastive_similarities(point_feats, text_feat, self.temp, all_text)
-        loss_itc = contrastive_loss(sim_p2t, sim_t2p)
-
-        # ITM: negatives come from this rank's batch; identical captions are never negatives.
-        same = torch.tensor([[a == b for b in texts] for a in texts], device=self.device)
         rank, _ = world()
         local = slice(rank * batch, (rank + 1) * batch)
+        positives = None  # items that describe the same thing (a dataset's match_by): positives for ITC
+        if samples.get("match_id") is not None:
+            ids = torch.as_tensor(samples["match_id"], device=self.device)
+            positives = ids[:, None] == gather(ids)[None, :]
+        loss_itc = contrastive_loss(sim_p2t, sim_t2p, positives=positives)
+
+        # ITM: negatives come from this rank's batch; identical captions and alike items are never negatives.
+        same = torch.tensor([[a == b for b in texts] for a in texts], device=self.device)
+        if positives is not None:
+            same |= positives[:, local]
         neg_text = sample_hard_negatives(sim_p2t[:, local], same)
         neg_points = sample_hard_negatives(sim_t2p[:, local], same)
         ids = torch.cat([tokens.input_ids, tokens.input_ids[neg_text], tokens.input_ids])
@@ -165,7 +175,7 @@ class PointQFormer(PointQueryModel):
         if self.global_itc_weight > 0:
             global_feat = F.normalize(self.global_proj(point_tokens.max(dim=1).values), dim=-1)  # (B, D)
             losses["loss_global_itc"] = contrastive_loss(*contrastive_similarities(
-                global_feat.unsqueeze(1), text_feat, self.temp, all_text))
+                global_feat.unsqueeze(1), text_feat, self.temp, all_text), positives=positives)
 
         step = samples.get("epoch", 0) * samples.get("num_iters_per_epoch", 0) + samples.get("iters", 0)
         # While delayed, 0 * loss keeps the LM head in the graph: DDP fails on parameters without grads.
