@@ -4,7 +4,8 @@ A contrastive loss learns only what tells a batch's items apart. On the embedded
 of 32 is told apart mostly by colour and size (8 x 3 values), so the point features learn those first
 and shape (the hardest attribute for a random encoder) only slowly: after 100 stage-1 steps zero-shot
 shape was at chance (0.125). Batches built from 4 groups that share colour and size, 8 items each,
-leave shape as what separates most pairs: 0.44 after the same 100 steps (the README has the runs).
+leave shape as what separates most pairs: 0.44 after the same 100 steps (the README has the runs;
+the embedded stage 1 now takes batches of 16 as 2 such groups of 8).
 The grouping fields are annotation fields named in the YAML; nothing here knows about shapes.
 
 Every item is used at most once per epoch: each group is shuffled and cut into chunks of
