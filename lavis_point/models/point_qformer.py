@@ -143,8 +143,8 @@ class PointQFormer(PointQueryModel):
         local = slice(rank * batch, (rank + 1) * batch)
         positives = None  # items that describe the same thing (a dataset's match_by): positives for ITC
         if samples.get("match_id") is not None:
-            ids = torch.as_tensor(samples["match_id"], device=self.device)
-            positives = ids[:, None] == gather(ids)[None, :]
+            match = torch.as_tensor(samples["match_id"], device=self.device)
+            positives = match[:, None] == gather(match)[None, :]
         loss_itc = contrastive_loss(sim_p2t, sim_t2p, positives=positives)
 
         # ITM: negatives come from this rank's batch; identical captions and alike items are never negatives.
