@@ -141,3 +141,20 @@ def test_a_tiny_stage1_run_of_the_cap3d_project_yaml(cap3d_root, tmp_path):
     with open(os.path.join(out, "tiny", "log.txt")) as f:
         logged = [json.loads(line) for line in f if line.startswith('{"train')]
     assert logged and np.isfinite(float(logged[-1]["train_loss"]))
+
+
+def test_annotations_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Spreadsheet exports often start with one; it must not become part of the first id or hide the
+    CSV header."""
+    files = {"a.csv": 'uid,caption\nabc,a lamp\n', "b.csv": 'abc,a lamp\n',
+             "c.json": '[{"uid": "abc", "caption": "a lamp"}]', "d.jsonl": '{"uid": "abc", "caption": "a lamp"}\n'}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+        assert read_annotations(str(tmp_path / name)) == [{"id": "abc", "point": None, "captions": ["a lamp"]}], name
+
+
+def test_a_captions_string_is_one_caption_and_a_zero_uid_is_an_id(tmp_path):
+    rows = [{"uid": 0, "point": "x/b2.pkl", "captions": "a wooden chair"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    assert read_annotations(str(tmp_path / "a.json")) == [{"id": "0", "point": "x/b2.pkl",
+                                                          "captions": ["a wooden chair"]}]

@@ -51,10 +51,12 @@ def _entry(row, where):
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected an object with 'point' and 'caption', got {type(row).__name__}")
     captions = row.get("captions") or ([row["caption"]] if row.get("caption") is not None else [])
-    if not captions or not all(isinstance(c, str) for c in captions):
+    captions = [captions] if isinstance(captions, str) else captions  # one caption, not its characters
+    if not captions or not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         raise ValueError(f"{where}: no caption text ('caption' or 'captions')")
     point = row.get("point") or row.get("path")
-    uid = row.get("uid") or row.get("id") or (object_id(point) if point else None)
+    uid = next((row[k] for k in ("uid", "id") if row.get(k) not in (None, "")), None)  # 0 is an id
+    uid = uid if uid is not None else (object_id(point) if point else None)
     if uid is None:
         raise ValueError(f"{where}: neither 'point' nor 'uid' names the object")
     return {"id": str(uid), "point": point, "captions": list(captions)}
@@ -62,7 +64,7 @@ def _entry(row, where):
 
 def _read_csv(path):
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a leading byte-order mark is dropped
             table = [row for row in csv.reader(f) if row]
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None

@@ -19,7 +19,7 @@ def read_jsonl(path):
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a leading byte-order mark
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if line.strip():
@@ -35,7 +35,7 @@ def read_json(path):
     with open(path, "rb") as f:
         data = f.read()
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8-sig"))  # -sig: a leading byte-order mark is dropped
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
