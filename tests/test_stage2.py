@@ -165,3 +165,25 @@ def test_point_token_cache_holds_at_most_its_capacity():
 def test_point_token_cache_refuses_a_trainable_encoder():
     with pytest.raises(ValueError, match="freeze_encoder"):
         small_stage2(freeze_encoder=False, point_token_cache_size=8)
+
+
+def test_lavis_vqa_task_gets_generated_answers_from_predict_answers():
+    from lavis.tasks.vqa import VQATask  # its valid_step passes answer_list, inference_method, ...
+    model = small_stage2().eval()
+    prompt = "Question: {} Answer:"
+    questions = ["what colour is it?", "how big is it?"]
+    task = VQATask(num_beams=2, max_len=4, min_len=1, evaluate=True, num_ans_candidates=128,
+                   inference_method="generate", prompt=prompt)
+    samples = {"point": clouds(), "text_input": questions, "question_id": torch.tensor([7, 8])}
+    got = task.valid_step(model, samples)
+    expected = model.generate({"point": clouds()}, num_beams=2, max_length=4, min_length=1,
+                              prompt=[prompt.format(q) for q in questions])
+    assert got == [{"question_id": 7, "answer": expected[0]}, {"question_id": 8, "answer": expected[1]}]
+
+
+def test_ranking_answers_is_refused_with_the_setting_to_change():
+    model = small_stage2().eval()
+    with pytest.raises(ValueError, match="inference_method"):
+        model.predict_answers({"point": clouds(), "text_input": ["what is it?"] * 2}, inference_method="rank",
+                              answer_list=["cube", "sphere"])
+

@@ -163,8 +163,14 @@ class PointOPT(PointQueryModel):
         texts = self.opt_tokenizer.batch_decode(outputs[:, prompt_len:], skip_special_tokens=True)
         return [t.strip() for t in texts]
 
-    def predict_answers(self, samples, num_beams=5, max_len=10, min_len=1, prompt="", **kwargs):
-        """LAVIS's VQA interface: ``samples["text_input"]`` holds the questions."""
+    def predict_answers(self, samples, num_beams=5, inference_method="generate", max_len=10, min_len=1,
+                        num_ans_candidates=128, answer_list=None, prompt="", **kwargs):
+        """LAVIS's VQA interface: ``samples["text_input"]`` holds the questions. Answers are generated
+        (other ``kwargs`` go to ``generate``); ``answer_list`` and ``num_ans_candidates``, which LAVIS's
+        VQA tasks pass for ranking, are unused."""
+        if inference_method != "generate":
+            raise ValueError(f"point_opt answers by generation only, not inference_method "
+                             f"{inference_method!r}: set run.inference_method: generate")
         questions = samples["text_input"]
         prompts = [prompt.format(q) if prompt else q for q in questions]
         return self.generate(samples, num_beams=num_beams, max_length=max_len, min_length=min_len,
