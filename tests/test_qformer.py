@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import BertModel
 
@@ -77,3 +78,51 @@ def test_padding_does_not_change_real_tokens():
 def test_lm_head_bias_is_tied_to_decoder_bias():
     q = QFormer(**SMALL)
     assert q.cls.predictions.bias is q.cls.predictions.decoder.bias
+
+
+def _legacy_bert_folder(tmp_path, layers=2):
+    """A small BertForMaskedLM saved as bert-base-uncased's own file is: LayerNorm parameters named
+    gamma and beta (a TensorFlow conversion), the masked-LM head beside the encoder. Every tensor is
+    random, LayerNorms included, so a tensor left at its initial value shows."""
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=16, layer_norm_eps=1e-12)
+    model = BertForMaskedLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(0.3, 0.7)
+    state = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in model.state_dict().items()}
+    assert any(k.endswith("LayerNorm.gamma") for k in state)
+    cfg.save_pretrained(tmp_path)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    return model
+
+
+def test_a_bert_with_gamma_beta_names_and_an_mlm_head_loads_whole(tmp_path):
+    """bert-base-uncased's own file: every LayerNorm (gamma/beta) and the masked-LM head's transform
+    and bias reach the Q-Former (they once stayed at 1 and 0, and random, without an error)."""
+    bert = _legacy_bert_folder(tmp_path)
+    q = QFormer(**{**SMALL, "vocab_size": 51})
+    init_qformer_from_bert(q, str(tmp_path))
+    src, own = bert.state_dict(), q.state_dict()
+    layer_norms = [k for k in own if "LayerNorm" in k and ".crossattention." not in k and k.startswith("bert.")]
+    assert layer_norms
+    for k in layer_norms:
+        source = k[len("bert."):].replace("_query.", ".")
+        assert torch.equal(own[k], src["bert." + source]), k
+    for k in ("transform.dense.weight", "transform.dense.bias", "transform.LayerNorm.weight"):
+        assert torch.equal(own["cls.predictions." + k], src["cls.predictions." + k]), k
+    assert torch.equal(own["cls.predictions.bias"][:50], src["cls.predictions.bias"])
+    assert torch.equal(q.cls.predictions.decoder.weight, own["bert.embeddings.word_embeddings.weight"])
+    ours = q.eval()(input_ids=torch.tensor([[1, 7, 8, 9]]))
+    theirs = bert.bert(input_ids=torch.tensor([[1, 7, 8, 9]])).last_hidden_state
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_a_bert_lacking_layers_is_refused_naming_the_file(tmp_path):
+    _legacy_bert_folder(tmp_path, layers=1)
+    with pytest.raises(ValueError, match="not a BERT checkpoint this Q-Former can start from") as caught:
+        init_qformer_from_bert(QFormer(**{**SMALL, "vocab_size": 51}), str(tmp_path))
+    assert str(tmp_path) in str(caught.value) and "layer.1." in str(caught.value)

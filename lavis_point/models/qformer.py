@@ -10,9 +10,13 @@ Masks: ``bidirectional`` lets every position see every non-padding position (con
 matching passes); ``causal`` lets queries see only queries and text see all queries plus earlier text
 (the generation loss). Attention runs through ``scaled_dot_product_attention``.
 """
+import logging
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 class Projections(nn.Module):
@@ -268,7 +272,26 @@ def bert_state_dict(path: str) -> dict:
         else:
             raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this BERT folder")
     state = load_file(path) if path.endswith(".safetensors") else state_dict_of(read_checkpoint(path), path)
-    return {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in state.items()}
+    return {_modern_name(k[len("bert."):] if k.startswith("bert.") else k): v for k, v in state.items()}
+
+
+def _modern_name(key: str) -> str:
+    """BERT files converted from TensorFlow (bert-base-uncased's own among them) name LayerNorm
+    parameters gamma and beta; transformers renames them on load, and so do we."""
+    if key.endswith(".gamma"):
+        return key[:-len("gamma")] + "weight"
+    if key.endswith(".beta"):
+        return key[:-len("beta")] + "bias"
+    return key
+
+
+def _grown(value, like):
+    """``value`` (vocab rows first) padded to ``like``'s rows with its mean row: the tokens the
+    Q-Former adds to BERT's vocabulary ([DEC])."""
+    grown = like.clone()
+    grown[:value.shape[0]] = value
+    grown[value.shape[0]:] = value.mean(0)
+    return grown
 
 
 def init_qformer_from_bert(qformer: QFormer, path: str) -> int:
@@ -277,25 +300,27 @@ def init_qformer_from_bert(qformer: QFormer, path: str) -> int:
     Self-attention, embeddings and both feed-forwards (text and query copies, as BLIP-2 does) come
     from the first ``num_layers`` BERT layers; cross-attention stays random, as in BLIP-2. BERT adds token-type 0
     to every embedding; the Q-Former has no token types, so that row is folded into the positions.
-    Returns the number of tensors copied."""
+    The LM head's transform and bias come from the file's masked-LM head when it has one (bert-base-uncased
+    does, the shipped MiniLM does not); its decoder is the word embeddings. A file lacking any tensor
+    of those layers or the embeddings is refused: a Q-Former half started from BERT would train, silently
+    worse. Returns the number of tensors copied."""
     src = bert_state_dict(path)
     own = qformer.state_dict()
     mapped = {}
     tt = src.get("embeddings.token_type_embeddings.weight")
     for key, value in src.items():
-        if key.startswith(("pooler.", "embeddings.token_type", "embeddings.position_ids")):
+        if key.startswith(("pooler.", "embeddings.token_type", "embeddings.position_ids", "cls.seq_relationship")) \
+                or key.startswith("cls.predictions.decoder."):  # = the embeddings and the bias, mapped below
             continue
         if key == "embeddings.position_embeddings.weight" and tt is not None:
             value = value + tt[0]
-        target = "bert." + key
-        if target.startswith("bert.embeddings.word_embeddings") and target in own:
-            n = value.shape[0]
-            grown = own[target].clone()
-            grown[:n] = value
-            grown[n:] = value.mean(0)
-            value = grown
+        target = key if key.startswith("cls.") else "bert." + key
+        if target in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias") and target in own:
+            value = _grown(value, own[target])
         if target in own:
             mapped[target] = value
+        if target == "cls.predictions.bias" and target in own:
+            mapped["cls.predictions.decoder.bias"] = value  # one tensor under two names, as in BERT
         for branch in ("intermediate", "output"):
             part = f".{branch}."
             if part in target and ".attention." not in target:
@@ -305,7 +330,14 @@ def init_qformer_from_bert(qformer: QFormer, path: str) -> int:
     for key, value in mapped.items():
         if own[key].shape != value.shape:
             raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, Q-Former expects {tuple(own[key].shape)}")
+    missing = [k for k in own if k.startswith("bert.") and ".crossattention." not in k
+               and not k.endswith("position_ids") and k not in mapped]
+    if missing:
+        raise ValueError(f"{path}: not a BERT checkpoint this Q-Former can start from: {len(missing)} of its "
+                         f"tensors are not in the file, e.g. {missing[:3]} (fewer layers, or other names?)")
     if not qformer.query_only and "bert.embeddings.word_embeddings.weight" in mapped:
         mapped["cls.predictions.decoder.weight"] = mapped["bert.embeddings.word_embeddings.weight"]
+        if "cls.predictions.transform.dense.weight" not in mapped:
+            log.info("%s has no masked-LM head: the Q-Former's LM head transform starts random", path)
     qformer.load_state_dict(mapped, strict=False)
     return len(mapped)
