@@ -187,3 +187,12 @@ def test_ranking_answers_is_refused_with_the_setting_to_change():
         model.predict_answers({"point": clouds(), "text_input": ["what is it?"] * 2}, inference_method="rank",
                               answer_list=["cube", "sphere"])
 
+
+def test_nucleus_sampling_samples_instead_of_beam_sampling():
+    model = small_stage2().eval()
+    rows = []  # batch rows of each OPT forward pass: 2 clouds x 3 captions when sampling, x num_beams more if not
+    model.opt_model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["attention_mask"].shape[0]),
+                                              with_kwargs=True)
+    torch.manual_seed(0)
+    out = model.generate({"point": clouds()}, use_nucleus_sampling=True, num_beams=5, num_captions=3, max_length=3)
+    assert len(out) == 6 and set(rows) == {6}

@@ -142,7 +142,10 @@ class PointOPT(PointQueryModel):
         """Captions (or answers) for ``samples["point"]``: a list of B * num_captions strings, the
         captions of cloud i at [i * num_captions, (i + 1) * num_captions). ``prompt`` (a string or a
         list of B strings) defaults to ``samples["prompt"]`` and then the model's prompt.
-        Lengths count generated tokens."""
+        Lengths count generated tokens. Nucleus sampling draws ``num_captions`` independent samples:
+        ``num_beams`` is ignored there (as BLIP-2 does), not turned into beam sampling."""
+        if use_nucleus_sampling:
+            num_beams = 1
         prefix = self.prefix_embeds(samples["point"])
         batch = prefix.shape[0]
         prompt = prompt if prompt is not None else samples.get("prompt", self.prompt)
