@@ -1,15 +1,20 @@
 """Meshes -> coloured points: area-weighted samples of the surface, coloured where the mesh says.
 
 Colour, per mesh: its texture at the sampled UV (times the material's base colour), else its vertex
-colours (interpolated) or face colours, else its material's colour, else white.
+colours (interpolated) or face colours, else its material's colour, else white. Colours trimesh
+invents for an OBJ that gives none (grey Kd, a grey image) count as none.
 Output: (num_points, 6) float32, xyz then rgb in [0, 1].
 """
 import numpy as np
 import trimesh
-from trimesh.visual.color import uv_to_color
-from trimesh.visual.material import PBRMaterial
+from trimesh.visual.color import DEFAULT_COLOR, uv_to_color
+from trimesh.visual.material import PBRMaterial, color_image
 
 WHITE = np.ones(3, dtype=np.float32)
+# What trimesh (5.2) fills in where an OBJ says nothing: Kd absent -> DEFAULT_COLOR (grey 0.4), uv but
+# no material -> a 2x2 grey image. It leaves no other mark, so these values count as "no colour": an
+# MTL that really says ``Kd 0.4 0.4 0.4`` reads as white.
+TRIMESH_DEFAULT_IMAGE = np.asarray(color_image())
 
 
 def triangle_meshes(geometry) -> list:
@@ -49,6 +54,10 @@ def surface_colour(mesh, faces, bary) -> np.ndarray:
             image, factor = material.baseColorTexture, material.baseColorFactor
         else:
             image, factor = getattr(material, "image", None), getattr(material, "diffuse", None)
+            if factor is not None and np.array_equal(factor, DEFAULT_COLOR):
+                factor = None
+            if getattr(image, "size", None) == (2, 2) and np.array_equal(np.asarray(image), TRIMESH_DEFAULT_IMAGE):
+                image = None
         factor = WHITE if factor is None else np.asarray(factor, dtype=np.float32)[:3] / 255.0
         uv = visual.uv
         if image is not None and uv is not None and len(uv) == len(mesh.vertices):

@@ -1,0 +1,45 @@
+"""OBJ colour: what the MTL says, and white where it says nothing (trimesh's own defaults don't count)."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from lavis_point.data_io import read_cloud
+
+TRIANGLE = "v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nvt 1 0\nvt 0 1\n"
+
+
+def write_obj(folder, mtl=None, uv=True):
+    """A one-triangle OBJ; with ``mtl`` (the MTL's lines after newmtl), it uses that material."""
+    head = ""
+    if mtl is not None:
+        (folder / "m.mtl").write_text("newmtl mat\n" + mtl)
+        head = "mtllib m.mtl\nusemtl mat\n"
+    face = "f 1/1 2/2 3/3\n" if uv else "f 1 2 3\n"
+    (folder / "t.obj").write_text(head + TRIANGLE + face)
+    return str(folder / "t.obj")
+
+
+@pytest.fixture
+def red_png(tmp_path):
+    Image.fromarray(np.tile(np.array([255, 0, 0], np.uint8), (8, 8, 1))).save(tmp_path / "red.png")
+
+
+def rgb(path):
+    return read_cloud(path, mesh_points=200)[:, 3:]
+
+
+def test_a_texture_without_kd_is_not_darkened(tmp_path, red_png):
+    assert np.allclose(rgb(write_obj(tmp_path, "map_Kd red.png\n")), [1, 0, 0])
+
+
+def test_a_material_with_no_colour_is_white(tmp_path):
+    assert np.all(rgb(write_obj(tmp_path, "Ns 10\nillum 2\n", uv=False)) == 1.0)
+
+
+def test_uv_coordinates_without_a_material_are_white(tmp_path):
+    assert np.all(rgb(write_obj(tmp_path)) == 1.0)
+
+
+def test_a_real_kd_still_colours_and_tints_a_texture(tmp_path, red_png):
+    assert np.allclose(rgb(write_obj(tmp_path, "Kd 0.2 0.6 1.0\n", uv=False)), [0.2, 0.6, 1.0], atol=1 / 255)
+    assert np.allclose(rgb(write_obj(tmp_path, "Kd 0.5 1 1\nmap_Kd red.png\n")), [0.5, 0, 0], atol=1 / 255)
