@@ -6,12 +6,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 import lavis_point  # noqa: F401
+from lavis_point.tasks import retrieval
 from lavis_point.models.point_qformer import PointQFormer
 from lavis_point.tasks.ranking_metrics import chance_recall_at_k, recall_at_k
-from lavis_point.tasks.retrieval import PointRetrievalTask, retrieval_pairs
+from lavis_point.tasks.retrieval import PointRetrievalTask, collective_device, retrieval_pairs
 from tests.understanding_runs import SIZES, evaluate
 
 
@@ -98,6 +100,31 @@ def test_matching_head_reranks_the_top_k_and_cannot_promote_what_lies_outside():
     outside = run_task(sim, itm, k_test=1)  # the right caption is not in the top 1: not re-scored
     assert outside["point_to_text_r1"] == 0.0
     assert reranked["point_to_text_r1_chance"] == pytest.approx(1 / 3)
+
+
+def test_collectives_run_on_this_rank_gpu_under_nccl_and_on_cpu_under_gloo(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert collective_device() == torch.device("cuda", 1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert collective_device() == torch.device("cpu")
+
+
+def test_rerank_scores_are_all_reduced_on_the_collective_device(monkeypatch):
+    """nccl takes CUDA tensors only: the re-ranked scores, built on the CPU, must be moved first.
+    No GPU here, so the collective device is faked as "meta" and the all-reduce stops the run."""
+    class Reduced(Exception):
+        pass
+
+    def all_reduce(tensor, *args, **kwargs):
+        raise Reduced(tensor.device)
+
+    monkeypatch.setattr(retrieval, "is_dist_avail_and_initialized", lambda: True)
+    monkeypatch.setattr(retrieval, "collective_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with pytest.raises(Reduced) as reduced:
+        run_task([[0.5, 0.9], [0.9, 0.5]], np.eye(2), k_test=2)
+    assert reduced.value.args[0] == torch.device("meta")
 
 
 @pytest.fixture(scope="module")

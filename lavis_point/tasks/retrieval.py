@@ -17,6 +17,7 @@ cloud with the same attributes (the embedded set repeats attribute combinations 
 instance-level retrieval would punish a right answer). Chance levels are reported beside each recall.
 """
 import logging
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,6 +32,14 @@ from lavis_point.tasks.eval_io import all_gather_objects, write_metrics
 from lavis_point.tasks.ranking_metrics import chance_recall_at_k, recall_at_k
 
 KS = (1, 5, 10)
+
+
+def collective_device():
+    """Where tensors must lie for this process group's collectives: nccl reduces CUDA tensors only
+    (this process's GPU, the local rank train.py/evaluate.py pass to ``cuda.set_device``); gloo, CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def retrieval_pairs(dataset, match_by=None):
@@ -122,8 +131,9 @@ class PointRetrievalTask(PointBaseTask):
         for (i, u), score in zip(pairs, self.match_scores(model, pairs, local_tokens, owner_row, tokens, device)):
             reranked[i, u], done[i, u] = sim[i, u] + score, 1.0
         if is_dist_avail_and_initialized():
-            for tensor in (reranked, done):
-                dist.all_reduce(tensor)  # each pair was scored on exactly one rank
+            both = torch.stack([reranked, done]).to(collective_device())
+            dist.all_reduce(both)  # each pair was scored on exactly one rank
+            reranked, done = both.cpu()
         below = torch.tensor(-float("inf"))
         p2t = torch.where(in_top_p2t & (done > 0), reranked, below)[:, column]  # (P, T)
         t2p = torch.where(in_top_t2p & (done > 0), reranked, below).t()[column]  # (T, P)
