@@ -5,9 +5,10 @@ Why each override (LAVIS 1.0.2, measured on CPU):
 - ``model``: RunnerBase builds DDP with ``device_ids=[gpu]``; on CPU DDP must get none.
 - ``create_loaders``: RunnerBase wraps loaders in ``PrefetchLoader``, which makes a CUDA stream.
 - ``train``: RunnerBase calls ``dist.barrier()`` unguarded each epoch (fails in one process), and
-  saves only after validation or per epoch; ours also saves ``checkpoint_last.pth`` every epoch for resume,
-  with every rank's random state (rng_state.py), so a resumed run continues exactly where the
-  uninterrupted one would be (same batches, augmentation, negatives; tests/test_kill_resume.py).
+  saves only after validation or per epoch; ours also saves ``checkpoint_last.pth`` every epoch (after
+  validation, which draws random numbers too) for resume, with every rank's random state (rng_state.py),
+  so a resumed run continues exactly where the uninterrupted one would be (same batches, augmentation,
+  negatives; tests/test_kill_resume.py, tests/test_resume_validation.py).
 - ``create_loaders``: a resumed run's first epoch is ``start_epoch``; LAVIS's IterLoader counts from 0,
   so a DistributedSampler would replay epoch 0's order.
 - checkpoints: written atomically, without frozen parts (unless ``run.save_frozen_parts``), read
@@ -126,7 +127,6 @@ class RunnerPoint(RunnerBase):
                 cache = getattr(self.unwrap_dist_model(self.model), "token_cache", None)
                 if cache is not None and cache.capacity:
                     logging.info("Point token cache: %s", cache.summary())
-                self._save_checkpoint(cur_epoch, name="last", rng=rng_state.capture_all_ranks())
             for split_name in self.valid_splits:
                 logging.info("Evaluating on %s.", split_name)
                 val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
@@ -138,6 +138,9 @@ class RunnerPoint(RunnerBase):
                     self.log_stats(val_log, split_name)
             if self.evaluate_only:
                 break
+            # after validation: it draws from the random streams (its loader's seed, negatives), so the
+            # state saved here is the one the next epoch starts from
+            self._save_checkpoint(cur_epoch, name="last", rng=rng_state.capture_all_ranks())
             barrier()
         test_epoch = "best" if self.valid_splits and not self.evaluate_only else cur_epoch
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
