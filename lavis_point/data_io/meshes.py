@@ -56,7 +56,7 @@ def surface_colour(mesh, faces, bary) -> np.ndarray:
             image, factor = getattr(material, "image", None), getattr(material, "diffuse", None)
             if factor is not None and np.array_equal(factor, DEFAULT_COLOR):
                 factor = None
-            if getattr(image, "size", None) == (2, 2) and np.array_equal(np.asarray(image), TRIMESH_DEFAULT_IMAGE):
+            if getattr(image, "size", None) == (2, 2) and np.array_equal(image, TRIMESH_DEFAULT_IMAGE):
                 image = None
         factor = WHITE if factor is None else np.asarray(factor, dtype=np.float32)[:3] / 255.0
         uv = visual.uv
