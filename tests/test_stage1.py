@@ -200,3 +200,10 @@ def test_match_ids_make_alike_items_positives_and_never_matching_negatives(monke
     # ITM never draws an alike item as a negative (both ways), nor, as before, an identical caption
     assert torch.equal(drawn[0], torch.eye(4, dtype=torch.bool))
     assert torch.equal(drawn[2], expected) and torch.equal(drawn[3], expected)
+
+
+def test_a_batch_of_one_is_refused_with_the_batch_size_to_raise():
+    with pytest.raises(ValueError, match="batch_size_train"):
+        sample_hard_negatives(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="batch_size_train"):
+        small_stage1().train()({"point": torch.rand(1, 64, 6) * 2 - 1, "text_input": ["a red cube"]})

@@ -71,7 +71,12 @@ def contrastive_loss(sim_p2t, sim_t2p, label_smoothing=0.1, positives=None):
 def sample_hard_negatives(sim, same):
     """For each row of a local (B, B) similarity, one column drawn with probability softmax(sim),
     never a positive (``same``: (B, B) bool, True where the pair matches, diagonal included).
-    Rows with no negative at all fall back to a uniformly random other column. Vectorised: no loop."""
+    Rows with no negative at all fall back to a uniformly random other column. Vectorised: no loop.
+    A batch of one has no other column: refused, as multinomial would fail with a cryptic error."""
+    if sim.shape[0] < 2:
+        raise ValueError(f"the matching (ITM) loss draws each item's negative from the other items of its "
+                         f"rank's batch, so it needs at least 2 per rank, got {sim.shape[0]}: "
+                         f"set run.batch_size_train to 2 or more")
     weights = torch.softmax(sim.float(), dim=1).masked_fill(same, 0)
     empty = weights.sum(1) == 0
     if empty.any():
