@@ -1,5 +1,6 @@
 """Short-answer metrics for point QA: answers are normalised as in the VQA evaluation (lower case,
-punctuation and articles dropped, number words as digits), then compared.
+punctuation and articles dropped, number words as digits; a point between digits is kept as a
+decimal point, a comma between digits dropped: "1,000" is "1000"), then compared.
 
 ``exact_match``: the prediction equals one of the reference answers.
 ``vqa_accuracy``: min(1, matches / min(3, #references)): the VQA rule (an answer is fully right when
@@ -14,11 +15,13 @@ _ARTICLES = {"a", "an", "the"}
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
             "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
-_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a full stop, not a decimal point
+_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")  # a full stop ("4." too), not a decimal point ("3.5")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d)")  # "1,000" is 1000, not two words
 
 
 def normalize_answer(text):
-    text = _PERIOD.sub("", _PUNCTUATION.sub(" ", str(text).lower().replace("\n", " ")))
+    text = _THOUSANDS.sub("", str(text).lower().replace("\n", " "))
+    text = _PERIOD.sub("", _PUNCTUATION.sub(" ", text))
     words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
     return " ".join(words)
 
