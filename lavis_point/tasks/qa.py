@@ -49,7 +49,8 @@ class PointQATask(PointBaseTask):
             return None
         with open(result_file) as f:
             predictions = {r["question_id"]: r["answer"] for r in json.load(f)}
-        references = {q: self.dataset.answers[q] for q in predictions}
+        answers = self.dataset.answers  # a property that builds the whole dict: read it once
+        references = {q: answers[q] for q in predictions}
         types = self.dataset.question_types
         metrics = answer_metrics(predictions, references, {q: types[q] for q in predictions} if types else None)
         if self.free_form:
