@@ -27,6 +27,9 @@ from lavis_point.data_io import PointCloudError
 from lavis_point.data_io.shards import ShardedClouds
 from lavis_point.datasets.bad_samples import MAX_ATTEMPTS
 from lavis_point.datasets.cap3d import CloudFiles, read_annotations
+from lavis_point.datasets.classification import CloudFileList, PointClassificationDataset
+from lavis_point.datasets import qa
+from lavis_point.datasets.qa import PointQADataset
 from lavis_point.datasets.point_caption import PointCaptionDataset, read_jsonl
 from lavis_point.models.checkpoint import CheckpointError, read_checkpoint
 from lavis_point.processors.point_processors import PointEvalProcessor, PointTrainProcessor
@@ -241,6 +244,47 @@ def test_a_broken_data_set_stops_with_a_clear_error_instead_of_looping(tmp_path)
     entries = [{"id": str(i), "path": str(tmp_path / f"gone{i}.npy"), "captions": ["a cube"]} for i in range(50)]
     with pytest.raises(RuntimeError, match=f"{MAX_ATTEMPTS} bad samples in a row.*gone"):
         dataset(entries, train=True)[0]
+
+
+def understanding_set(kind, files, train):
+    """A QA or classification set with one item per file of ``write_cloud_files``; ids are the names."""
+    vis, text = processors(train)
+    names, paths = list(files), [path for path, _ in files.values()]
+    if kind == "qa":
+        entries = [{"question_id": n, "cloud": p, "question": "what is it?", "answers": ["a thing"]}
+                   for n, p in zip(names, paths)]
+        return PointQADataset(qa.CloudFiles(), entries, vis, text, is_train=train)
+    return PointClassificationDataset(CloudFileList(paths), [0] * len(names), names, ["thing"], vis)
+
+
+@pytest.mark.parametrize("kind", ["qa", "classification"])
+def test_qa_and_classification_evaluation_drop_bad_clouds_and_count_them(tmp_path, kind):
+    files = write_cloud_files(tmp_path / "clouds", tmp_path / "marker")
+    data = understanding_set(kind, files, train=False)
+    ids, failures = [], []
+    for batch in DataLoader(data, batch_size=4, shuffle=False, collate_fn=data.collater):
+        failures.extend(batch.pop("skipped"))
+        ids.extend(batch.get("instance_id", []))
+    assert ids == [n for n, (_, outcome) in files.items() if outcome == "ok"]  # each good cloud once
+    bad = [(n, path, outcome) for n, (path, outcome) in files.items() if outcome != "ok"]
+    assert len(failures) == len(bad)
+    for failure, (name, path, outcome) in zip(failures, bad):
+        assert repr(name) in failure and path in failure and re.search(outcome, failure), failure
+    assert not (tmp_path / "marker").exists()
+
+
+def test_qa_training_replaces_bad_clouds_and_counts_them(tmp_path):
+    files = write_cloud_files(tmp_path / "clouds", tmp_path / "marker")
+    data = understanding_set("qa", files, train=True)
+    rows, failures = 0, []
+    for batch in DataLoader(data, batch_size=4, shuffle=False, collate_fn=data.collater):
+        failures.extend(batch.pop("skipped"))
+        assert batch["point"].shape == (len(batch["text_input"]), NUM_POINTS, 6)
+        assert list(batch["text_input"]) == ["a thing"] * len(batch["text_input"])
+        rows += len(batch["text_input"])
+    assert rows == len(files)  # batches kept their size
+    assert len(failures) >= sum(outcome != "ok" for _, outcome in files.values())
+    assert not (tmp_path / "marker").exists()
 
 
 # ---- shards: missing, truncated, short ----------------------------------------------------------

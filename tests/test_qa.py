@@ -2,6 +2,7 @@
 mixed with captions in one stage-2 batch, and the task through evaluate.py in one process and under
 torchrun (every question once)."""
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -9,11 +10,13 @@ import torch
 from lavis.common.registry import registry
 from lavis.datasets.datasets.base_dataset import ConcatDataset
 from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 
 import lavis_point  # noqa: F401
 from lavis_point.datasets import shapes
 from lavis_point.datasets.qa import SHAPES_QUESTIONS
 from lavis_point.tasks.answer_metrics import answer_metrics, exact_match, normalize_answer, vqa_accuracy
+from lavis_point.tasks.qa import PointQATask
 from tests.small_models import small_stage2
 from tests.understanding_runs import SIZES, evaluate
 
@@ -83,6 +86,36 @@ def test_qa_json_errors_name_the_file_entry_and_field(tmp_path, row, problem):
     path = write_qa(tmp_path, [row])
     with pytest.raises(ValueError, match="qa.json: " + problem):
         build("point_qa", annotations={"test": path})
+
+
+class SaysRed(torch.nn.Module):
+    """Answers "red" to every question."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def predict_answers(self, samples, **kwargs):
+        return ["red"] * len(samples["question_id"])
+
+
+def test_qa_evaluation_scores_the_questions_whose_cloud_is_readable(tmp_path, monkeypatch, caplog):
+    nan = np.random.rand(50, 6).astype(np.float32)
+    nan[3, 1] = np.nan
+    path = write_qa(tmp_path, [{"point": "clouds/obj1.npy", "question": "q", "answer": "red"},
+                               {"point": "clouds/nan.npy", "question": "q", "answer": "red"},
+                               {"point": "clouds/obj1.npy", "question": "q", "answer": "blue"}])
+    np.save(tmp_path / "clouds" / "nan.npy", nan)
+    test = build("point_qa", annotations={"test": path})["test"]
+    for name in ("result_dir", "output_dir"):
+        monkeypatch.setitem(registry.mapping["paths"], name, str(tmp_path))
+    task, model = PointQATask(), SaysRed()
+    task.before_evaluation(model, test)
+    with caplog.at_level(logging.WARNING):
+        results = task.evaluation(model, DataLoader(test, batch_size=2, collate_fn=test.collater))
+    metrics = task.after_evaluation(results, "test", 0)
+    assert metrics["num_questions"] == 2 and metrics["exact_match"] == 0.5  # over the two readable ones
+    assert "evaluation: skipped 1 bad samples" in caplog.text and "nan.npy" in caplog.text
 
 
 def test_embedded_qa_asks_every_cloud_each_question_type_with_varied_phrasings(tmp_path):

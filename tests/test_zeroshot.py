@@ -2,6 +2,7 @@
 the ModelNet40 (h5, folders), Objaverse-LVIS and embedded builders, and the task through evaluate.py
 in one process and under torchrun (every sample once)."""
 import json
+import logging
 
 import h5py
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 from lavis.common.registry import registry
 from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 
 import lavis_point  # noqa: F401
 from lavis_point.datasets import shapes
@@ -137,6 +139,32 @@ def test_objaverse_lvis_skips_and_counts_objects_without_a_cloud(tmp_path, layou
     test = build("objaverse_lvis", annotations=str(tmp_path / "lvis.json"), points_dir=str(tmp_path / "points"))["test"]
     assert test.classnames == ["apple", "banana"] and test.ids == ["u1", "u2"] and test.labels == [1, 0]
     assert test.num_skipped == 1
+
+
+class SaysApple(WordModel):
+    """Every cloud is an apple."""
+
+    def encode_points(self, points):
+        return None, None, torch.nn.functional.one_hot(torch.zeros(len(points), dtype=torch.long), 3).float()[:, None]
+
+
+def test_zeroshot_evaluation_scores_the_clouds_that_are_readable(tmp_path, monkeypatch, caplog):
+    (tmp_path / "points").mkdir()
+    clouds = {uid: np.random.rand(30, 6).astype(np.float32) for uid in ("u1", "u2", "u3")}
+    clouds["u2"][0, 0] = np.nan
+    for uid, cloud in clouds.items():
+        np.save(tmp_path / "points" / f"{uid}.npy", cloud)
+    (tmp_path / "lvis.json").write_text(json.dumps({"u1": "apple", "u2": "apple", "u3": "banana"}))
+    test = build("objaverse_lvis", annotations=str(tmp_path / "lvis.json"), points_dir=str(tmp_path / "points"))["test"]
+    for name in ("result_dir", "output_dir"):
+        monkeypatch.setitem(registry.mapping["paths"], name, str(tmp_path))
+    task, model = PointZeroShotClassificationTask(templates=["a {}"], top_k=1), SaysApple(["apple", "banana"])
+    task.before_evaluation(model, test)
+    with caplog.at_level(logging.WARNING):
+        results = task.evaluation(model, DataLoader(test, batch_size=2, collate_fn=test.collater))
+    metrics = task.after_evaluation(results, "test", 0)
+    assert metrics["num_samples"] == 2 and metrics["top1_accuracy"] == 0.5  # u1 right, u3 wrong, u2 dropped
+    assert "evaluation: skipped 1 bad samples" in caplog.text and "u2.npy" in caplog.text
 
 
 def test_objaverse_lvis_without_any_cloud_file_says_so(tmp_path):

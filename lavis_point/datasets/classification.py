@@ -8,6 +8,9 @@
   ``<class>/<split>/<object>.npy``; class names from ``*shape_names.txt`` or the folder names;
 - Objaverse-LVIS: a JSON of object id -> category (or Objaverse's category -> [object ids]) over a
   folder of per-object clouds; objects whose cloud file is missing are skipped and counted.
+
+A cloud that cannot be used when an item is loaded (truncated, NaN...) is dropped and counted
+(bad_samples.py): the metrics cover the rest.
 """
 import glob
 import json
@@ -16,9 +19,9 @@ import os
 
 import numpy as np
 from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
 
 from lavis_point.data_io.clouds import CLOUD_EXTS, read_cloud
+from lavis_point.datasets.bad_samples import collate_counting_skips, load_or_skip
 
 log = logging.getLogger(__name__)
 FOLDER_CLOUD_EXTS = (".npy", ".txt")
@@ -38,11 +41,19 @@ class PointClassificationDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
+        # Zero-shot sets are only evaluated: a bad item is dropped, never replaced.
+        return load_or_skip(self.load, i, len(self), False, self.describe)
+
+    def load(self, i):
         cloud = np.asarray(self.clouds[i], dtype=np.float32)
         return {"point": self.vis_processor(cloud), "label": self.labels[i], "instance_id": self.ids[i]}
 
+    def describe(self, i):
+        paths = getattr(self.clouds, "paths", None)
+        return f"item {i} (id {self.ids[i]!r}" + (f", {paths[i]})" if paths else ")")
+
     def collater(self, samples):
-        return default_collate(samples)
+        return collate_counting_skips(samples)
 
 
 class ArrayRows:

@@ -4,6 +4,9 @@
 filled with the question, "instance_id"}``: stage 2's loss then falls on the answer only.
 ``answers`` (question id -> reference answers) and ``question_types`` (or None) serve the metrics.
 
+A cloud that cannot be used is a counted skip (bad_samples.py): replaced in training, dropped in
+evaluation, so the metrics cover the questions whose cloud was read.
+
 Two sources: a QA JSON (a list of ``{"point": cloud file, "question", "answer": str or [str, ...]}``,
 optional ``question_id``, ``question_type``) and the embedded shapes (questions about colour, shape
 and size in varied phrasings, answered by the attribute's word).
@@ -13,9 +16,9 @@ import os
 
 import numpy as np
 from torch.utils.data import Dataset
-from torch.utils.data.dataloader import default_collate
 
 from lavis_point.data_io.clouds import read_cloud
+from lavis_point.datasets.bad_samples import collate_counting_skips, load_or_skip
 
 DEFAULT_PROMPT = "Question: {} Answer: "
 
@@ -48,6 +51,14 @@ class PointQADataset(Dataset):
         return self.entries[i]
 
     def __getitem__(self, i):
+        return load_or_skip(self.load, i, len(self), self.is_train, self.describe)
+
+    def describe(self, i):
+        e = self.entries[i]
+        where = f", {e['cloud']}" if isinstance(e["cloud"], str) else ""  # a file, not a row of the embedded set
+        return f"item {i} (id {str(e.get('instance_id', e['question_id']))!r}, question {e['question_id']!r}{where})"
+
+    def load(self, i):
         e = self.entry(i)
         point = self.vis_processor(np.asarray(self.clouds[e["cloud"]], dtype=np.float32))
         question = self.text_processor(e["question"])
@@ -59,7 +70,7 @@ class PointQADataset(Dataset):
         return {"point": point, "text_input": question, "question_id": e["question_id"], "instance_id": instance_id}
 
     def collater(self, samples):
-        return default_collate(samples)
+        return collate_counting_skips(samples)
 
     @property
     def answers(self):
