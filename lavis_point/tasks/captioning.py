@@ -20,6 +20,7 @@ class PointCaptioningTask(PointBaseTask):
         self.num_beams, self.max_len, self.min_len = num_beams, max_len, min_len
         self.repetition_penalty, self.spice, self.report_metric = repetition_penalty, spice, report_metric
         self.dataset = None
+        self.said_why_no_attributes = False
 
     @classmethod
     def setup_task(cls, cfg):
@@ -57,6 +58,15 @@ class PointCaptioningTask(PointBaseTask):
             predictions = {r["image_id"]: r["caption"] for r in json.load(f)}
         references = self.dataset.references
         attributes = getattr(self.dataset, "attributes", None)
+        vocabularies = getattr(self.dataset, "vocabularies", None)
+        if attributes and not vocabularies:
+            # Accuracy needs every word of an attribute (a caption naming another one is wrong); a
+            # dataset that only has each cloud's own word gets the other metrics, not an error.
+            if not self.said_why_no_attributes:
+                logging.warning("%s: no attribute accuracy: the annotations carry attributes but the dataset "
+                                "has no vocabularies (every value of each attribute)", split_name)
+                self.said_why_no_attributes = True
+            attributes = None
         return caption_metrics(predictions, {k: references[k] for k in predictions},
                                attributes={k: attributes[k] for k in predictions} if attributes else None,
-                               vocabularies=getattr(self.dataset, "vocabularies", None), spice=self.spice)
+                               vocabularies=vocabularies, spice=self.spice)
