@@ -50,6 +50,7 @@ def test_good_clouds_land_in_shards_bit_exact_and_bad_ones_are_reported(mixed, t
 
     index, clouds = index_of(out), ShardedClouds(out, "train")
     assert set(index) == set(good)
+    assert report["centred"] == 0 and not any("offset" in entry for entry in index.values())  # stored as read
     for object_id, expected in good.items():
         row = clouds[index[object_id]]
         assert row.dtype == np.float16 and row.shape == (2048, 6)
@@ -101,6 +102,36 @@ def test_clouds_of_other_sizes_are_resampled_reproducibly(tmp_path):
     as_rows = lambda a: {tuple(r) for r in a.astype(np.float16).tolist()}  # noqa: E731
     assert as_rows(rows["big"]) <= as_rows(big) and len(as_rows(rows["big"])) == 1024  # a subset, no repeats
     assert as_rows(rows["small"]) == as_rows(small)  # every point kept, some repeated
+
+
+def sphere(n, radius, centre, seed=0):
+    rng = np.random.default_rng(seed)
+    xyz = rng.normal(size=(n, 3))
+    xyz = xyz / np.linalg.norm(xyz, axis=1, keepdims=True) * radius + centre
+    return np.concatenate([xyz, rng.random((n, 3))], axis=1).astype(np.float32)
+
+
+def test_a_cloud_far_from_the_origin_for_its_size_is_stored_centred_with_its_offset_and_listed(tmp_path):
+    folder, out = tmp_path / "clouds", str(tmp_path / "shards")
+    folder.mkdir()
+    clouds = {"far": (sphere(1024, 1, [3000, 0, 0]), 1), "beyond": (sphere(1024, 5, [1e5, -2e5, 7], 1), 5),
+              "near": (sphere(1024, 1, [0.5, 0, 0.2], 2), 1)}  # far: float16 kept 1 distinct point of 1024
+    for name, (cloud, _) in clouds.items():
+        np.save(folder / f"{name}.npy", cloud)
+    (tmp_path / "captions.csv").write_text("far,a\nbeyond,b\nnear,c\n")
+    report = run_convert(str(tmp_path / "captions.csv"), str(folder), out, num_points=1024)
+    index, shards = index_of(out), ShardedClouds(out, "train")
+    assert (report["converted"], report["bad"], report["centred"]) == (3, 0, 2)
+    assert {c["id"] for c in report["centred_files"]} == {"far", "beyond"}
+    assert all("stored relative to its centre" in c["reason"] for c in report["centred_files"])
+    for name in ("far", "beyond"):
+        (cloud, radius), row = clouds[name], shards[index[name]]
+        assert len({tuple(r) for r in row.tolist()}) == 1024  # every point still distinct
+        restored = row[:, :3].astype(np.float64) + index[name]["offset"]
+        assert np.abs(restored - cloud[:, :3]).max() < 1e-3 * radius
+        assert np.array_equal(row[:, 3:], cloud[:, 3:].astype(np.float16))
+    assert "offset" not in index["near"]
+    assert np.array_equal(shards[index["near"]], clouds["near"][0].astype(np.float16))  # bit-exact, as read
 
 
 class Interrupted(Exception):

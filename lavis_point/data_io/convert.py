@@ -7,8 +7,9 @@ colour range, from the float16 values as stored: the processor then needs one pa
 Both are written under a temporary name and renamed, so a chunk is either finished or absent: an
 interrupted conversion, run again with the same settings, skips finished chunks. When every chunk is
 done, ``{split}.jsonl`` (the index) and ``{split}_report.json`` (counts, each bad file and why) are
-written. Clouds are stored as read (xyz as is, rgb in [0, 1], white when absent); a cloud with other
-than ``num_points`` points is resampled to it, with a seed from its id so reruns agree.
+written. Clouds are stored as read (xyz as is, rgb in [0, 1], white when absent), except one far from
+the origin for its size, which is stored centred (see ``CENTRE_ABOVE``); a cloud with other than
+``num_points`` points is resampled to it, with a seed from its id so reruns agree.
 """
 import hashlib
 import json
@@ -23,6 +24,11 @@ from lavis_point.data_io.shards import shard_name, stats_name
 from lavis_point.processors.point_processors import cloud_statistics, resample
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+# float16's spacing grows with the magnitude, so a cloud whose largest |coordinate| is many times its
+# radius about its centre keeps little of its shape (a unit sphere at 3000 becomes one point). Past
+# this ratio (2 bits fewer than the centred cloud would keep) the cloud is stored minus its centre,
+# which its index entry records as "offset"; clouds near the origin (ratio about 1-2) stay as read.
+CENTRE_ABOVE = 4.0
 
 
 def id_seed(object_id) -> int:
@@ -43,20 +49,29 @@ def split_by_id(entries, fractions) -> dict:
 
 
 def load_for_shard(task):
-    """(path, id, num_points) -> ("ok", float16 (num_points, 6)) or ("bad", reason). Runs in workers."""
+    """(path, id, num_points) -> ("ok", float16 (num_points, 6), None or {"offset", "reason"} when stored
+    centred) or ("bad", reason, None). Runs in workers."""
     path, object_id, num_points = task
     try:
         cloud = read_cloud(path, white_if_missing=True, mesh_points=num_points, seed=id_seed(object_id))
-        peak = float(np.abs(cloud[:, :3]).max())
-        if peak > FLOAT16_MAX:
-            raise CloudReadError(path, f"coordinates reach {peak:.3g}, beyond float16's range; normalise first")
         if len(cloud) != num_points:
             cloud = resample(cloud, num_points, np.random.default_rng(id_seed(object_id)))
-        return "ok", cloud.astype(np.float16)
+        xyz = cloud[:, :3].astype(np.float64)
+        centre = xyz.mean(axis=0)
+        radius = float(np.sqrt(((xyz - centre) ** 2).sum(axis=1).max()))
+        peak, moved = float(np.abs(xyz).max()), None
+        if peak > CENTRE_ABOVE * radius or peak > FLOAT16_MAX:
+            moved = {"offset": centre.tolist(), "reason": f"coordinates reach {peak:.4g} for a radius of "
+                     f"{radius:.3g}: stored relative to its centre (the offset), float16 would lose its shape"}
+            xyz -= centre
+            peak = float(np.abs(xyz).max())
+        if peak > FLOAT16_MAX:
+            raise CloudReadError(path, f"its radius {radius:.3g} is beyond float16's range; normalise first")
+        return "ok", np.concatenate([xyz, cloud[:, 3:]], axis=1).astype(np.float16), moved
     except CloudReadError as e:
-        return "bad", e.reason
+        return "bad", e.reason, None
     except Exception as e:  # e.g. MemoryError on an absurd header: still one reported bad file
-        return "bad", f"{type(e).__name__}: {e}"
+        return "bad", f"{type(e).__name__}: {e}", None
 
 
 def _replace_atomically(path, write):
@@ -66,13 +81,13 @@ def _replace_atomically(path, write):
     os.replace(tmp, path)
 
 
-def _write_chunk(out, split, number, clouds, entries, bad):
+def _write_chunk(out, split, number, clouds, entries, bad, centred):
     name = shard_name(split, number)
     if clouds:
         stacked = np.stack(clouds)
         _replace_atomically(os.path.join(out, name), lambda f: np.save(f, stacked))
         _replace_atomically(os.path.join(out, stats_name(name)), lambda f: np.save(f, cloud_statistics(stacked)))
-    record = json.dumps({"entries": entries, "bad": bad}).encode()
+    record = json.dumps({"entries": entries, "bad": bad, "centred": centred}).encode()
     _replace_atomically(os.path.join(out, name[:-4] + ".json"), lambda f: f.write(record))
 
 
@@ -107,17 +122,20 @@ def convert_split(entries, missing, folder, out, split, num_points=8192, shard_s
         for k in todo:
             tasks = [(e["path"], e["id"], num_points) for e in chunks[k]]
             results = pool.imap(load_for_shard, tasks, chunksize=8) if pool else map(load_for_shard, tasks)
-            clouds, index, bad = [], [], []
-            for entry, (status, value) in zip(chunks[k], results):
+            clouds, index, bad, centred = [], [], [], []
+            for entry, (status, value, moved) in zip(chunks[k], results):
                 source = os.path.relpath(entry["path"], folder)
                 if status == "ok":
                     index.append({"id": entry["id"], "shard": shard_name(split, k), "index": len(clouds),
                                   "captions": entry["captions"], "source": source})
                     clouds.append(value)
+                    if moved:
+                        index[-1]["offset"] = moved["offset"]
+                        centred.append({"id": entry["id"], "path": source, **moved})
                 else:
                     bad.append({"id": entry["id"], "path": source, "reason": value})
                 bar.update(1)
-            _write_chunk(out, split, k, clouds, index, bad)
+            _write_chunk(out, split, k, clouds, index, bad, centred)
     finally:
         bar.close()
         if pool:
@@ -128,15 +146,17 @@ def convert_split(entries, missing, folder, out, split, num_points=8192, shard_s
 def _finish(out, split, record_path, missing, folder):
     index, bad = [], [{"id": e["id"], "path": e.get("point"), "reason": f"no cloud file found in {folder}"}
                       for e in missing]
+    centred = []
     for path in record_path:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
         index.extend(record["entries"])
         bad.extend(record["bad"])
+        centred.extend(record.get("centred", []))
     lines = "".join(json.dumps(entry) + "\n" for entry in index).encode()
     _replace_atomically(os.path.join(out, f"{split}.jsonl"), lambda f: f.write(lines))
     report = {"split": split, "objects": len(index) + len(bad), "converted": len(index), "bad": len(bad),
-              "bad_files": bad}
+              "bad_files": bad, "centred": len(centred), "centred_files": centred}
     _replace_atomically(os.path.join(out, f"{split}_report.json"),
                         lambda f: f.write(json.dumps(report, indent=1).encode()))
     return report
