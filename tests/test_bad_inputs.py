@@ -27,9 +27,9 @@ from lavis_point.data_io import PointCloudError
 from lavis_point.data_io.shards import ShardedClouds
 from lavis_point.datasets.bad_samples import MAX_ATTEMPTS
 from lavis_point.datasets.cap3d import CloudFiles, read_annotations
-from lavis_point.datasets.classification import CloudFileList, PointClassificationDataset
+from lavis_point.datasets.classification import CloudFileList, PointClassificationDataset, read_lvis_annotations
 from lavis_point.datasets import qa
-from lavis_point.datasets.qa import PointQADataset
+from lavis_point.datasets.qa import PointQADataset, read_qa_annotations
 from lavis_point.datasets.point_caption import PointCaptionDataset, read_jsonl
 from lavis_point.models.checkpoint import CheckpointError, read_checkpoint
 from lavis_point.processors.point_processors import PointEvalProcessor, PointTrainProcessor
@@ -324,6 +324,19 @@ def test_malformed_annotation_files_name_the_file_and_the_problem(tmp_path, name
     (tmp_path / name).write_bytes(content)
     with pytest.raises(ValueError, match=reason):
         read_annotations(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("read,name,content,reason", [
+    (lambda p: read_qa_annotations(p, "."), "qa.json", b'[{"point": "a.npy", "question": "q"', r"qa\.json: malformed JSON"),
+    (lambda p: read_qa_annotations(p, "."), "qa.jsonl", b'{"point": "a.npy", "question": "q", "answer": "a"}\n{"po\n',
+     r"qa\.jsonl:2: malformed JSON line"),
+    (lambda p: read_qa_annotations(p, "."), "qa.json", b'[{"point": "a.npy", "question": "\xff"}]', r"qa\.json: not UTF-8"),
+    (read_lvis_annotations, "lvis.json", b'{"u1": "apple",', r"lvis\.json: malformed JSON"),
+])
+def test_malformed_qa_and_label_files_name_the_file_and_the_problem(tmp_path, read, name, content, reason):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=reason):
+        read(str(tmp_path / name))
 
 
 def test_a_shard_index_with_a_bad_line_names_the_line(tmp_path):

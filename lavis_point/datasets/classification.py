@@ -13,7 +13,6 @@ A cloud that cannot be used when an item is loaded (truncated, NaN...) is droppe
 (bad_samples.py): the metrics cover the rest.
 """
 import glob
-import json
 import logging
 import os
 
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 
 from lavis_point.data_io.clouds import CLOUD_EXTS, read_cloud
 from lavis_point.datasets.bad_samples import collate_counting_skips, load_or_skip
+from lavis_point.datasets.point_caption import read_json
 
 log = logging.getLogger(__name__)
 FOLDER_CLOUD_EXTS = (".npy", ".txt")
@@ -165,8 +165,7 @@ def class_index(classnames, name, source):
 
 def read_lvis_annotations(path):
     """{object id: category} from a JSON of id -> category or of category -> [ids]."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json(path)
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected a JSON object of object id -> category (or category -> [ids])")
     if all(isinstance(v, str) for v in data.values()):

@@ -11,7 +11,6 @@ Two sources: a QA JSON (a list of ``{"point": cloud file, "question", "answer": 
 optional ``question_id``, ``question_type``) and the embedded shapes (questions about colour, shape
 and size in varied phrasings, answered by the attribute's word).
 """
-import json
 import os
 
 import numpy as np
@@ -19,6 +18,7 @@ from torch.utils.data import Dataset
 
 from lavis_point.data_io.clouds import read_cloud
 from lavis_point.datasets.bad_samples import collate_counting_skips, load_or_skip
+from lavis_point.datasets.point_caption import read_json, read_jsonl
 
 DEFAULT_PROMPT = "Question: {} Answer: "
 
@@ -119,11 +119,7 @@ class ShapesQADataset(PointQADataset):
 
 def read_qa_annotations(path, points_root):
     """Entries of a QA JSON (a list) or JSON Lines file; every problem names the file and entry."""
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            rows = json.load(f)
+    rows = read_jsonl(path) if path.endswith(".jsonl") else read_json(path)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a list of {{'point', 'question', 'answer'}} entries")
     entries = []
