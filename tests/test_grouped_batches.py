@@ -109,3 +109,27 @@ def test_the_runner_builds_grouped_training_batches_from_run_batch_group_by():
         batch = next(loader)
         for chunk in (batch[:2], batch[2:]):
             assert len({annotations[i]["color"] for i in chunk}) == 1
+
+
+@pytest.mark.parametrize("num_items", [4, 24])  # fewer and more questions than the 12 clouds
+def test_a_member_whose_annotations_are_not_its_items_is_one_group_of_its_own(num_items, caplog):
+    """The stage-2 mix: a QA set's ``annotations`` are its clouds, its items ``num_items`` questions."""
+    import numpy as np
+    from lavis.datasets.datasets.base_dataset import ConcatDataset
+
+    from lavis_point.datasets.point_caption import PointCaptionDataset
+    from lavis_point.datasets.qa import ShapesQADataset
+
+    annotations = [{"id": f"train_{i}", "index": i, "shape": "cube", "color": ["red", "blue"][i % 2],
+                    "size": "small", "captions": ["a cube"]} for i in range(12)]
+    clouds = np.zeros((12, 4, 6), np.float32)
+    captions = PointCaptionDataset(clouds, annotations, None, None, True)
+    questions = ShapesQADataset(clouds, annotations, None, None, True, ["color"], num_items=num_items)
+    train = ConcatDataset([captions, questions])
+    ids = group_ids_of(train, ["color", "size"])
+    assert len(ids) == len(train) == 12 + num_items
+    assert ids[:12] == [(0, (c, "small")) for c in ["red", "blue"] * 6]  # the captions keep their groups
+    assert ids[12:] == [(1, None)] * num_items
+    assert f"member 1 (ShapesQADataset) has 12 annotations for {num_items} items" in caplog.text
+    drawn = [i for batch in GroupedBatchSampler(ids, batch_size=4, groups_per_batch=2) for i in batch]
+    assert sorted(drawn) == list(range(len(train)))  # every item once, none past the end

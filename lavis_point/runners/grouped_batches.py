@@ -15,6 +15,8 @@ are shuffled and joined into batches. Under torchrun every rank builds the same 
 order comes from torch's random state, as a shuffling DataLoader's does, so a resumed run (which
 restores that state) continues with the same batches.
 """
+import logging
+
 import numpy as np
 import torch
 from torch.utils.data import Sampler
@@ -69,11 +71,20 @@ class GroupedBatchSampler(Sampler):
 def group_ids_of(dataset, fields):
     """One hashable group id per item of a training set (LAVIS's ConcatDataset or one dataset), from
     its annotations' ``fields``; a member without annotations, or an item without the fields, is one
-    group of its own member."""
+    group of its own member. So is every item of a member whose annotations are not its items (as
+    many annotations as items, item i described by annotation i): a QA set holds one annotation per
+    cloud and asks ``num_items`` questions; which annotation an item uses is the dataset's business,
+    and a grouping that guessed would be wrong or run past the end. That member's batches are then
+    plain chunks of it, with a warning naming it, rather than an error that bars the mixed stage."""
     members = getattr(dataset, "datasets", [dataset])
     ids, found = [], False
     for m, member in enumerate(members):
         annotations = getattr(member, "annotations", None) or getattr(member, "annotation", None)
+        if annotations is not None and len(annotations) != len(member):
+            logging.warning("run.batch_group_by: member %d (%s) has %d annotations for %d items: its items "
+                            "are not grouped by %s (one group of their own)", m, type(member).__name__,
+                            len(annotations), len(member), list(fields))
+            annotations = None
         if annotations is None:
             ids += [(m, None)] * len(member)
             continue
