@@ -61,6 +61,23 @@ def test_pickles_npy_and_npz_read_exactly(tmp_path):
         assert out.dtype == np.float32 and np.array_equal(out, cloud), path
 
 
+@pytest.mark.parametrize("points_key,colour_key", [("points", "colors"), ("points", "rgb"), ("pc", "colours"),
+                                                     ("xyz", "rgb")])
+def test_npz_xyz_points_take_the_colours_stored_beside_them(tmp_path, points_key, colour_key):
+    cloud = pf.coloured_cloud(300)
+    np.savez(tmp_path / "a.npz", **{points_key: cloud[:, :3], colour_key: cloud[:, 3:]})
+    assert np.array_equal(read_cloud(tmp_path / "a.npz"), cloud)  # not white
+
+
+def test_npz_colours_do_not_override_points_that_have_them_and_must_match_in_length(tmp_path):
+    cloud = pf.coloured_cloud(300)
+    np.savez(tmp_path / "a.npz", points=cloud, colors=np.zeros((300, 3)))
+    assert np.array_equal(read_cloud(tmp_path / "a.npz"), cloud)
+    np.savez(tmp_path / "b.npz", points=cloud[:, :3], colors=cloud[:10, 3:])
+    with pytest.raises(CloudReadError, match=r"b\.npz: 'points' has 300 points but 'colors' 10 colours"):
+        read_cloud(tmp_path / "b.npz")
+
+
 def test_text_clouds_with_commas_spaces_and_a_count_header(tmp_path):
     cloud = np.round(pf.coloured_cloud(50), 4)
     (tmp_path / "a.xyz").write_text("\n".join(" ".join(map(str, row)) for row in cloud))

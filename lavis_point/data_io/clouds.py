@@ -3,8 +3,8 @@
 Formats, chosen by extension:
   .pkl / .pickle   a pickled numpy array (Cap3D), through the restricted unpickler (no code runs)
   .npy             a numpy array (never pickled objects)
-  .npz             the array under "points" (or "point", "cloud", "pc"), or "xyz" beside an optional
-                   "rgb"/"colors", or the archive's only array
+  .npz             the array under "points" (or "point", "cloud", "pc", "xyz"), or the archive's only
+                   array; (N, 3) points take an "rgb"/"colors"/"colours" array of the same length beside them
   .pts .xyz .txt   whitespace- or comma-separated rows "x y z [r g b]" (a leading point-count line is
                    skipped)
   .ply             a point cloud (vertices, optional colours) or, when it has faces, a mesh
@@ -139,15 +139,21 @@ def _read_raw(path, ext, mesh_points, seed) -> np.ndarray:
 
 
 def _npz_cloud(archive) -> np.ndarray:
-    for key in NPZ_KEYS:
-        if key in archive.files:
-            return archive[key]
-    if "xyz" in archive.files:
-        colour = next((archive[k] for k in ("rgb", "colors", "colours") if k in archive.files), None)
-        return archive["xyz"] if colour is None else np.concatenate([archive["xyz"], colour], axis=1)
-    if len(archive.files) == 1:
-        return archive[archive.files[0]]
-    raise PointCloudError(f"no point array among {archive.files}; expected one of {NPZ_KEYS} or 'xyz'")
+    """The point array. Colours stored beside xyz-only points join them whatever the points' key: a
+    "points" + "colors" archive used to come out white."""
+    key = next((k for k in NPZ_KEYS + ("xyz",) if k in archive.files), None)
+    if key is None:
+        if len(archive.files) == 1:
+            return archive[archive.files[0]]
+        raise PointCloudError(f"no point array among {archive.files}; expected one of {NPZ_KEYS} or 'xyz'")
+    points = archive[key]
+    colour_key = next((k for k in ("rgb", "colors", "colours") if k in archive.files), None)
+    if colour_key is None or points.ndim != 2 or points.shape[1] != 3:
+        return points
+    colour = archive[colour_key]
+    if len(colour) != len(points):
+        raise PointCloudError(f"'{key}' has {len(points)} points but '{colour_key}' {len(colour)} colours")
+    return np.concatenate([points, colour], axis=1)
 
 
 def _read_text(path) -> np.ndarray:
