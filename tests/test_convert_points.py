@@ -176,6 +176,40 @@ def test_resuming_with_other_settings_is_refused(mixed, tmp_path):
         run_convert(annotations, folder, out, num_points=1024, shard_size=4)
 
 
+def test_rerunning_after_fixing_captions_takes_the_new_captions_without_redoing_chunks(tmp_path):
+    folder, out, captions = tmp_path / "clouds", str(tmp_path / "shards"), tmp_path / "captions.csv"
+    folder.mkdir()
+    for i in range(3):
+        np.save(folder / f"obj{i}.npy", pf.coloured_cloud(256, seed=i))
+    captions.write_text("obj0,a chiar\nobj1,a tabel\nobj2,a lamp\n")
+    run_convert(str(captions), str(folder), out, num_points=256, shard_size=2)
+    shard = os.path.join(out, "train_points_00000.npy")
+    written = os.stat(shard).st_mtime_ns
+    captions.write_text("obj0,a chair\nobj1,a table\nobj1,a small table\nobj2,a lamp\n")
+    run_convert(str(captions), str(folder), out, num_points=256, shard_size=2)
+    assert os.stat(shard).st_mtime_ns == written  # finished chunks were kept, only the index rewritten
+    assert {i: e["captions"] for i, e in index_of(out).items()} == \
+        {"obj0": ["a chair"], "obj1": ["a table", "a small table"], "obj2": ["a lamp"]}
+
+
+@pytest.mark.parametrize("change", ["clouds", "sources"])
+def test_resuming_where_an_object_would_read_another_file_is_refused(tmp_path, change):
+    first, second, out = tmp_path / "first", tmp_path / "second", str(tmp_path / "shards")
+    for folder in (first, second):
+        folder.mkdir()
+        for i in range(2):  # the same names, other clouds
+            np.save(folder / f"obj{i}.npy", pf.coloured_cloud(256, seed=i + (folder == second) * 10))
+    np.save(first / "other.npy", pf.coloured_cloud(256, seed=99))
+    annotations = tmp_path / "a.json"
+    annotations.write_text(json.dumps([{"point": f"obj{i}.npy", "caption": "x"} for i in range(2)]))
+    run_convert(str(annotations), str(first), out, num_points=256)
+    if change == "sources":  # obj1 now points at another file of the same folder
+        annotations.write_text(json.dumps([{"point": "obj0.npy", "caption": "x"},
+                                           {"uid": "obj1", "point": "other.npy", "caption": "x"}]))
+    with pytest.raises(ValueError, match=f"other settings .*{change}"):
+        run_convert(str(annotations), str(second if change == "clouds" else first), out, num_points=256)
+
+
 def test_the_script_splits_a_cap3d_csv_by_id_and_reports(tmp_path):
     folder = tmp_path / "clouds"
     folder.mkdir()

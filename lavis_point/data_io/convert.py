@@ -5,8 +5,9 @@ Work goes chunk by chunk: chunk k's good clouds become ``{split}_points_{k:05d}.
 colour range, from the float16 values as stored: the processor then needs one pass per cloud), then
 ``{split}_points_{k:05d}.json`` records its index entries and bad files.
 Both are written under a temporary name and renamed, so a chunk is either finished or absent: an
-interrupted conversion, run again with the same settings, skips finished chunks. When every chunk is
-done, ``{split}.jsonl`` (the index) and ``{split}_report.json`` (counts, each bad file and why) are
+interrupted conversion, run again with the same settings over the same files, skips finished chunks
+(other settings or files are refused). When every chunk is done, ``{split}.jsonl`` (the index, its
+captions from this run's annotations) and ``{split}_report.json`` (counts, each bad file and why) are
 written. Clouds are stored as read (xyz as is, rgb in [0, 1], white when absent), except one far from
 the origin for its size, which is stored centred (see ``CENTRE_ABOVE``); a cloud with other than
 ``num_points`` points is resampled to it, with a seed from its id so reruns agree.
@@ -97,9 +98,10 @@ def _check_manifest(out, split, settings):
         with open(path, encoding="utf-8") as f:
             started = json.load(f)
         if started != settings:
-            changed = sorted(k for k in settings if started.get(k) != settings[k])
+            changed = [f"{k}: {started.get(k)} -> {value}" for k, value in settings.items()
+                       if started.get(k) != value]
             raise ValueError(f"{path}: this folder holds a conversion started with other settings "
-                             f"({', '.join(changed)}); use another output folder or delete its {split}_* files")
+                             f"({'; '.join(changed)}); use another output folder or delete its {split}_* files")
     else:
         _replace_atomically(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
 
@@ -109,9 +111,12 @@ def convert_split(entries, missing, folder, out, split, num_points=8192, shard_s
     """Convert located ``entries`` (each with "path"); ``missing`` ones are reported as bad. Returns the
     report (also written to ``{out}/{split}_report.json``)."""
     os.makedirs(out, exist_ok=True)
-    ids = hashlib.sha1("\n".join(e["id"] for e in entries).encode()).hexdigest()
+    # Everything that decides which cloud a chunk holds: the folder, and each object's id and file in it.
+    # (Captions are not: the index takes them from the current annotations when it is written.)
+    sources = "\n".join(f"{e['id']}\t{os.path.relpath(e['path'], folder)}" for e in entries)
     _check_manifest(out, split, {"num_points": num_points, "shard_size": shard_size, "objects": len(entries),
-                                 "ids_sha1": ids})
+                                 "clouds": os.path.realpath(folder),
+                                 "sources_sha1": hashlib.sha1(sources.encode()).hexdigest()})
     chunks = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)]
     record_path = [os.path.join(out, shard_name(split, k)[:-4] + ".json") for k in range(len(chunks))]
     todo = [k for k in range(len(chunks)) if not os.path.isfile(record_path[k])]
@@ -140,17 +145,17 @@ def convert_split(entries, missing, folder, out, split, num_points=8192, shard_s
         bar.close()
         if pool:
             pool.terminate()
-    return _finish(out, split, record_path, missing, folder)
+    return _finish(out, split, record_path, missing, folder, {e["id"]: e["captions"] for e in entries})
 
 
-def _finish(out, split, record_path, missing, folder):
+def _finish(out, split, record_path, missing, folder, captions):
     index, bad = [], [{"id": e["id"], "path": e.get("point"), "reason": f"no cloud file found in {folder}"}
                       for e in missing]
     centred = []
     for path in record_path:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
-        index.extend(record["entries"])
+        index.extend({**entry, "captions": captions[entry["id"]]} for entry in record["entries"])
         bad.extend(record["bad"])
         centred.extend(record.get("centred", []))
     lines = "".join(json.dumps(entry) + "\n" for entry in index).encode()
