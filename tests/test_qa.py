@@ -115,6 +115,7 @@ def test_qa_evaluation_scores_the_questions_whose_cloud_is_readable(tmp_path, mo
         results = task.evaluation(model, DataLoader(test, batch_size=2, collate_fn=test.collater))
     metrics = task.after_evaluation(results, "test", 0)
     assert metrics["num_questions"] == 2 and metrics["exact_match"] == 0.5  # over the two readable ones
+    assert metrics["num_skipped"] == 1
     assert "evaluation: skipped 1 bad samples" in caplog.text and "nan.npy" in caplog.text
 
 

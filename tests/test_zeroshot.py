@@ -164,6 +164,7 @@ def test_zeroshot_evaluation_scores_the_clouds_that_are_readable(tmp_path, monke
         results = task.evaluation(model, DataLoader(test, batch_size=2, collate_fn=test.collater))
     metrics = task.after_evaluation(results, "test", 0)
     assert metrics["num_samples"] == 2 and metrics["top1_accuracy"] == 0.5  # u1 right, u3 wrong, u2 dropped
+    assert metrics["num_skipped"] == 1
     assert "evaluation: skipped 1 bad samples" in caplog.text and "u2.npy" in caplog.text
 
 

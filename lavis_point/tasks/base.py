@@ -47,6 +47,8 @@ def report_skipped(failures, device, when):
 
 
 class PointBaseTask(BaseTask):
+    skipped_in_evaluation = 0  # bad samples the last evaluation dropped, over all ranks (for metrics)
+
     def evaluation(self, model, data_loader, cuda_enabled=None):
         """LAVIS's loop on any device; bad samples are dropped, counted and reported."""
         device = model_device(model)
@@ -58,7 +60,7 @@ class PointBaseTask(BaseTask):
                 continue
             samples = prepare_sample(samples, cuda_enabled=device.type == "cuda")
             results.extend(self.valid_step(model=model, samples=samples))
-        report_skipped(failures, device, "evaluation")
+        self.skipped_in_evaluation = report_skipped(failures, device, "evaluation")
         if is_dist_avail_and_initialized():
             dist.barrier()
         return results

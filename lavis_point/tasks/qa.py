@@ -57,6 +57,7 @@ class PointQATask(PointBaseTask):
             from lavis_point.tasks.caption_metrics import caption_metrics
 
             metrics.update(caption_metrics(predictions, references))
+        metrics["num_skipped"] = self.skipped_in_evaluation  # questions whose cloud was unreadable
         metrics["agg_metrics"] = metrics["vqa_accuracy"]
         logging.info("%s QA: %s", split_name, json.dumps(metrics))
         write_metrics(split_name, metrics)

@@ -69,7 +69,7 @@ class PointZeroShotClassificationTask(PointBaseTask):
             "chance_top1_accuracy": 1.0 / len(self.classnames),
             "num_classes": len(self.classnames),
             "num_samples": len(results),
-            "num_skipped": self.num_skipped,
+            "num_skipped": self.num_skipped + self.skipped_in_evaluation,  # no cloud file, or unreadable
         }
         metrics["agg_metrics"] = metrics["top1_accuracy"]
         logging.info("%s zero-shot classification: %s", split_name, json.dumps(metrics))
