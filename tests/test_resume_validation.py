@@ -1,7 +1,7 @@
 """Resume with a validation split, through the real ``RunnerPoint.train()`` with a one-weight model
-and a task that records what it saw (each run takes a second): the best checkpoint survives the
-resume, and the resumed run continues exactly as the uninterrupted one. (test_kill_resume.py checks a
-real stage-1 run, which has no validation split.)"""
+and a task that records what it saw (each run takes seconds): the best checkpoint survives the
+resume (a worse later epoch does not replace it), and the resumed run continues exactly as the
+uninterrupted one. (test_kill_resume.py checks a real stage-1 run, which has no validation split.)"""
 import os
 import shutil
 
@@ -129,3 +129,34 @@ def test_a_resumed_run_with_a_validation_split_continues_exactly(runs):
         assert resumed.batches[epoch] == first.batches[epoch], epoch
         assert resumed.losses[epoch] == first.losses[epoch], epoch
     assert first.batches[1] != first.batches[2]  # the order changes by epoch: equality above means something
+
+
+def test_a_worse_epoch_after_a_resume_does_not_replace_the_best_checkpoint(runs):
+    first, first_dir, resumed, resumed_dir = runs
+    assert load(os.path.join(first_dir, "checkpoint_best.pth"))["epoch"] == 0
+    assert sorted(resumed.batches) == [1, 2]  # it did resume after epoch 0
+    best = load(os.path.join(resumed_dir, "checkpoint_best.pth"))
+    assert best["epoch"] == 0
+    assert best["model"]["lin.weight"].item() != resumed.tested[0]  # epoch 1's model differs from it
+    # the final test reloads the best model: epoch 0's weights, as in the uninterrupted run
+    assert resumed.tested[-1] == first.tested[-1] == best["model"]["lin.weight"].item()
+
+
+def test_checkpoint_last_carries_the_best_score_so_far(runs):
+    _, first_dir, _, _ = runs
+    assert [load(os.path.join(first_dir, f"last_{e}.pth"))["best_agg_metric"] for e in range(3)] == [0.9] * 3
+    assert load(os.path.join(first_dir, "last_2.pth"))["best_epoch"] == 0
+
+
+@pytest.mark.parametrize("lacks", ["the best score (an older checkpoint)", "the best checkpoint file"])
+def test_without_the_best_score_or_its_file_a_resume_starts_the_best_afresh_and_says_so(runs, tmp_path, caplog,
+                                                                                       lacks):
+    _, first_dir, _, _ = runs
+    checkpoint = load(os.path.join(first_dir, "last_0.pth"))
+    if lacks.startswith("the best score"):
+        del checkpoint["best_agg_metric"], checkpoint["best_epoch"]
+    torch.save(checkpoint, tmp_path / "checkpoint_last.pth")  # alone in its folder: no checkpoint_best.pth
+    with caplog.at_level("WARNING"):
+        _, resumed_dir = train(tmp_path, "resumed", resume_ckpt_path=str(tmp_path / "checkpoint_last.pth"))
+    assert "the first validated epoch after the resume becomes checkpoint_best.pth" in caplog.text
+    assert load(os.path.join(resumed_dir, "checkpoint_best.pth"))["epoch"] == 1

@@ -8,7 +8,8 @@ Why each override (LAVIS 1.0.2, measured on CPU):
   saves only after validation or per epoch; ours also saves ``checkpoint_last.pth`` every epoch (after
   validation, which draws random numbers too) for resume, with every rank's random state (rng_state.py),
   so a resumed run continues exactly where the uninterrupted one would be (same batches, augmentation,
-  negatives; tests/test_kill_resume.py, tests/test_resume_validation.py).
+  negatives; tests/test_kill_resume.py, tests/test_resume_validation.py), and with the best validation
+  score so far: RunnerBase's resume starts it at 0, so any later epoch replaced the best checkpoint.
 - ``create_loaders``: a resumed run's first epoch is ``start_epoch``; LAVIS's IterLoader counts from 0,
   so a DistributedSampler would replay epoch 0's order.
 - checkpoints: written atomically, without frozen parts (unless ``run.save_frozen_parts``), read
@@ -23,6 +24,7 @@ On a GPU everything else is RunnerBase's.
 import datetime
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -118,7 +120,7 @@ class RunnerPoint(RunnerBase):
         best_agg_metric, best_epoch = 0, 0
         self.log_config()
         if not self.evaluate_only and self.resume_ckpt_path is not None:
-            self._load_checkpoint(self.resume_ckpt_path)
+            best_agg_metric, best_epoch = self._load_checkpoint(self.resume_ckpt_path)
         cur_epoch = self.start_epoch
         for cur_epoch in range(self.start_epoch, self.max_epoch):
             if not self.evaluate_only:
@@ -140,14 +142,16 @@ class RunnerPoint(RunnerBase):
                 break
             # after validation: it draws from the random streams (its loader's seed, negatives), so the
             # state saved here is the one the next epoch starts from
-            self._save_checkpoint(cur_epoch, name="last", rng=rng_state.capture_all_ranks())
+            self._save_checkpoint(cur_epoch, name="last", rng=rng_state.capture_all_ranks(),
+                                  best=(best_agg_metric, best_epoch))
             barrier()
         test_epoch = "best" if self.valid_splits and not self.evaluate_only else cur_epoch
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
         logging.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
 
-    def _save_checkpoint(self, cur_epoch, is_best=False, name=None, rng=None):
-        """``rng``: every rank's random state (``checkpoint_last`` only: resume continues from it)."""
+    def _save_checkpoint(self, cur_epoch, is_best=False, name=None, rng=None, best=None):
+        """``rng``: every rank's random state, ``best``: (best agg_metrics, its epoch) so far
+        (``checkpoint_last`` only: resume continues from them)."""
         if not is_main_process():
             return
         name = name or ("best" if is_best else str(cur_epoch))
@@ -163,6 +167,8 @@ class RunnerPoint(RunnerBase):
         }
         if rng is not None:
             save_obj["rng"] = rng
+        if best is not None:
+            save_obj["best_agg_metric"], save_obj["best_epoch"] = float(best[0]), int(best[1])
         path = os.path.join(self.output_dir, f"checkpoint_{name}.pth")
         logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, path)
         save_checkpoint_atomic(save_obj, path)
@@ -183,6 +189,28 @@ class RunnerPoint(RunnerBase):
         self.start_epoch = checkpoint["epoch"] + 1
         self._restore_rng(checkpoint.get("rng"), url_or_filename)
         logging.info("Resume checkpoint from %s", url_or_filename)
+        return self._restore_best(checkpoint, url_or_filename)
+
+    def _restore_best(self, checkpoint, path):
+        """(best agg_metrics, its epoch) of the interrupted run, so that a worse epoch after the resume
+        does not replace its ``checkpoint_best.pth``; that file is copied beside this run's checkpoints
+        (the final test reloads it from there). Without the score or the file: (0, 0), as LAVIS starts."""
+        if "best_agg_metric" not in checkpoint:
+            if self.valid_splits:
+                logging.warning("%s: no best validation score saved: the first validated epoch after the "
+                                "resume becomes checkpoint_best.pth", path)
+            return 0, 0
+        best = checkpoint["best_agg_metric"], checkpoint["best_epoch"]
+        source, target = Path(path).with_name("checkpoint_best.pth"), Path(self.output_dir) / "checkpoint_best.pth"
+        if best[0] == 0 or not is_main_process() or source.resolve() == target.resolve():
+            return best  # only the main process keeps the best, as in RunnerBase
+        if not source.is_file():
+            logging.warning("%s: best agg_metrics %s (epoch %d) saved, but %s is missing: the first validated "
+                            "epoch after the resume becomes checkpoint_best.pth", path, best[0], best[1], source)
+            return 0, 0
+        shutil.copyfile(source, f"{target}.tmp-{os.getpid()}")
+        os.replace(f"{target}.tmp-{os.getpid()}", target)
+        return best
 
     @staticmethod
     def _restore_rng(states, path):
