@@ -45,7 +45,14 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="reader processes (0: in process)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        return convert(args)
+    except (OSError, ValueError) as e:  # bad annotations, a refused resume...: the message, not a traceback
+        print(f"convert_points: {e}", file=sys.stderr)
+        return 2
 
+
+def convert(args):
     located, missing = locate_clouds(read_annotations(args.annotations), args.clouds)
     if args.split_fractions:
         located_by, missing_by = split_by_id(located, args.split_fractions), split_by_id(missing, args.split_fractions)

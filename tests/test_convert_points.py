@@ -233,3 +233,13 @@ def test_the_script_splits_a_cap3d_csv_by_id_and_reports(tmp_path):
     assert all(ids.values()) and sum(map(len, ids.values())) == 12
     assert convert.split_by_id([{"id": "uid03"}], {"train": 0.5, "val": 0.25, "test": 0.25}) == \
         {s: [{"id": "uid03"}] if "uid03" in ids[s] else [] for s in ("train", "val", "test")}
+
+
+def test_the_script_refuses_bad_annotations_with_one_line_not_a_traceback(tmp_path):
+    (tmp_path / "a.yaml").write_text("{}")
+    proc = subprocess.run([sys.executable, "scripts/convert_points.py", "--annotations", str(tmp_path / "a.yaml"),
+                           "--clouds", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"convert_points: {tmp_path / 'a.yaml'}: unknown annotation format "
+                                                "'.yaml'; expected .json, .jsonl or .csv"]
