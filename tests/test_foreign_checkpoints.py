@@ -43,9 +43,14 @@ def random_tensors(layout, seed):
             out[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
         else:
             out[name] = 0.05 * torch.randn(shape, generator=g)
-    # BERT ties the LM head's bias to its decoder's bias: a published file holds one value twice.
-    if "cls.predictions.bias" in out and "cls.predictions.decoder.bias" in out:
-        out["cls.predictions.bias"] = out["cls.predictions.decoder.bias"].clone()
+    # BERT ties the LM head's bias to its decoder's bias, and BLIP-2 its decoder to the word
+    # embeddings: a published file holds each value twice.
+    for copy, original in (("cls.predictions.bias", "cls.predictions.decoder.bias"),
+                           ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")):
+        for name in [n for n in out if n.endswith(copy)]:
+            twin = name[:-len(copy)] + original
+            if twin in out:
+                out[name] = out[twin].clone()
     return out
 
 

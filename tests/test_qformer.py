@@ -75,6 +75,26 @@ def test_padding_does_not_change_real_tokens():
     assert torch.allclose(short, padded[:, :3], atol=1e-6)
 
 
+def test_lm_decoder_is_the_word_embeddings_as_in_blip2_even_after_growing_the_vocabulary():
+    q = QFormer(**SMALL)
+    assert q.cls.predictions.decoder.weight is q.bert.embeddings.word_embeddings.weight
+    q.resize_token_embeddings(SMALL["vocab_size"] + 1)
+    assert q.cls.predictions.decoder.weight is q.bert.embeddings.word_embeddings.weight
+    assert q.cls.predictions.decoder.weight.shape[0] == SMALL["vocab_size"] + 1
+    assert len(list(q.parameters())) < len(list(q.named_parameters(remove_duplicate=False)))  # counted once
+
+
+def test_a_checkpoint_whose_tied_tensors_differ_is_refused_naming_the_file():
+    from lavis_point.models.checkpoint import CheckpointError, load_state_dict_checked
+    q = QFormer(**SMALL)
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    state["cls.predictions.decoder.weight"] += 1  # trained with an untied head: one of the two would be lost
+    with pytest.raises(CheckpointError, match="(?s)untied.pth.*tied keys with different values"):
+        load_state_dict_checked(q, state, source="untied.pth")
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]
+    load_state_dict_checked(q, state, source="tied.pth")
+
+
 def test_lm_head_bias_is_tied_to_decoder_bias():
     q = QFormer(**SMALL)
     assert q.cls.predictions.bias is q.cls.predictions.decoder.bias
@@ -126,3 +146,11 @@ def test_a_bert_lacking_layers_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match="not a BERT checkpoint this Q-Former can start from") as caught:
         init_qformer_from_bert(QFormer(**{**SMALL, "vocab_size": 51}), str(tmp_path))
     assert str(tmp_path) in str(caught.value) and "layer.1." in str(caught.value)
+
+
+def test_an_untied_lm_decoder_is_its_own_parameter_started_from_the_embeddings(tmp_path):
+    _legacy_bert_folder(tmp_path)
+    q = QFormer(**{**SMALL, "vocab_size": 51, "tie_word_embeddings": False})
+    init_qformer_from_bert(q, str(tmp_path))
+    assert q.cls.predictions.decoder.weight is not q.bert.embeddings.word_embeddings.weight
+    assert torch.equal(q.cls.predictions.decoder.weight, q.bert.embeddings.word_embeddings.weight)

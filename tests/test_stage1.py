@@ -27,7 +27,7 @@ def test_every_trainable_part_gets_a_gradient():
     model = small_stage1()
     model(batch())["loss"].backward()
     for name in ("point_encoder.reduce_dim.weight", "pc_projection", "query_tokens", "point_proj.weight",
-                 "text_proj.weight", "itm_head.weight", "temp", "Qformer.cls.predictions.decoder.weight",
+                 "text_proj.weight", "itm_head.weight", "temp", "Qformer.cls.predictions.transform.dense.weight",
                  "Qformer.bert.encoder.layer.0.crossattention.self.key.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name

@@ -93,6 +93,20 @@ def _partition(keys, accept):
     return yes, no
 
 
+def _tied_disagreements(model, state_dict):
+    """Groups of names the model ties to one tensor (the Q-Former's LM decoder and word embeddings)
+    whose values in ``state_dict`` differ."""
+    groups = {}
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        groups.setdefault((tensor.data_ptr(), tensor.shape), []).append(name)
+    disagreeing = []
+    for names in groups.values():
+        values = [state_dict[n] for n in names if n in state_dict]
+        if len(values) > 1 and not all(torch.equal(values[0], v) for v in values[1:]):
+            disagreeing.append(names)
+    return disagreeing
+
+
 def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), ignore_patterns=()):
     """Load ``state_dict`` into ``model`` under the contract above; returns a summary dict."""
     optional = tuple(optional_prefixes) + tuple(frozen_prefixes(model))
@@ -114,6 +128,9 @@ def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), 
         problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
     if mis_shaped:
         problems.append(f"mis-shaped keys ({len(mis_shaped)}): {mis_shaped}")
+    elif disagreeing := _tied_disagreements(model, state_dict):
+        problems.append(f"tied keys with different values ({len(disagreeing)}): {disagreeing} (the model holds one "
+                        "tensor for each group: loading would keep one value and drop the other silently)")
     if problems:
         raise CheckpointError(f"{source}: cannot load into {type(model).__name__}:\n  " + "\n  ".join(problems))
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)

@@ -153,7 +153,7 @@ class LMPredictionHead(nn.Module):
 DEFAULTS = dict(
     hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, encoder_width=1408,
     cross_attention_freq=2, vocab_size=30523, max_position_embeddings=512, layer_norm_eps=1e-12,
-    dropout=0.1, pad_token_id=0,
+    dropout=0.1, pad_token_id=0, tie_word_embeddings=True,
 )
 
 
@@ -188,6 +188,15 @@ class QFormer(nn.Module):
             self.cls = nn.Module()
             self.cls.predictions = LMPredictionHead(self.cfg)
         self.apply(self._init_weights)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """The LM head's decoder is the word embeddings, one parameter under both names, as in BLIP-2
+        (transformers ties BERT's output embeddings to its input embeddings), unless the config says
+        ``tie_word_embeddings: false``: then it is a parameter of its own (a copy of the embeddings
+        when started from BERT)."""
+        if not self.query_only and self.cfg["tie_word_embeddings"]:
+            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     @staticmethod
     def _init_weights(module):
@@ -233,7 +242,8 @@ class QFormer(nn.Module):
         return self.cls.predictions(hidden)
 
     def resize_token_embeddings(self, vocab_size):
-        """Grow the vocabulary (e.g. BERT's 30522 + [DEC]); new rows start at the mean embedding."""
+        """Grow the vocabulary (e.g. BERT's 30522 + [DEC]); new rows start at the mean embedding (and a
+    zero LM-head bias)."""
         old = self.bert.embeddings.word_embeddings
         if vocab_size == old.num_embeddings:
             return
@@ -253,7 +263,9 @@ class QFormer(nn.Module):
             with torch.no_grad():
                 head.decoder.weight.copy_(new.weight)
                 head.decoder.bias.zero_()
+                head.decoder.bias[:n] = self.cls.predictions.decoder.bias[:n]
             self.cls.predictions = head
+            self.tie_weights()
 
 
 def bert_state_dict(path: str) -> dict:
