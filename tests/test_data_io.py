@@ -74,8 +74,17 @@ def test_npz_colours_do_not_override_points_that_have_them_and_must_match_in_len
     np.savez(tmp_path / "a.npz", points=cloud, colors=np.zeros((300, 3)))
     assert np.array_equal(read_cloud(tmp_path / "a.npz"), cloud)
     np.savez(tmp_path / "b.npz", points=cloud[:, :3], colors=cloud[:10, 3:])
-    with pytest.raises(CloudReadError, match=r"b\.npz: 'points' has 300 points but 'colors' 10 colours"):
+    with pytest.raises(CloudReadError, match=r"b\.npz: 'points' holds 300 points but 'colors' is \(10, 3\)"):
         read_cloud(tmp_path / "b.npz")
+
+
+def test_npz_rgba_and_grey_colours_keep_their_rgb(tmp_path):
+    """trimesh writes RGBA: the alpha is dropped, not the cloud (it was refused as 7 wide)."""
+    cloud = pf.coloured_cloud(300)
+    np.savez(tmp_path / "a.npz", points=cloud[:, :3], colors=np.concatenate([cloud[:, 3:], np.ones((300, 1))], 1))
+    assert np.array_equal(read_cloud(tmp_path / "a.npz"), cloud)
+    np.savez(tmp_path / "b.npz", points=cloud[:, :3], colors=cloud[:, 3])
+    assert np.array_equal(read_cloud(tmp_path / "b.npz")[:, 3:], np.repeat(cloud[:, 3:4], 3, axis=1))
 
 
 def test_text_clouds_with_commas_spaces_and_a_count_header(tmp_path):

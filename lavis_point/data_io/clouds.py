@@ -151,9 +151,12 @@ def _npz_cloud(archive) -> np.ndarray:
     if colour_key is None or points.ndim != 2 or points.shape[1] != 3:
         return points
     colour = archive[colour_key]
-    if len(colour) != len(points):
-        raise PointCloudError(f"'{key}' has {len(points)} points but '{colour_key}' {len(colour)} colours")
-    return np.concatenate([points, colour], axis=1)
+    if colour.ndim == 1:  # grey levels
+        colour = np.repeat(colour[:, None], 3, axis=1)
+    if len(colour) != len(points) or colour.ndim != 2 or colour.shape[1] not in (3, 4):
+        raise PointCloudError(f"'{key}' holds {len(points)} points but '{colour_key}' is {colour.shape}: expected "
+                              f"({len(points)}, 3) colours (or 4 with alpha, or one grey level each)")
+    return np.concatenate([points, colour[:, :3]], axis=1)  # alpha (trimesh writes RGBA) dropped
 
 
 def _read_text(path) -> np.ndarray:
