@@ -148,15 +148,19 @@ def test_checkpoint_last_carries_the_best_score_so_far(runs):
     assert load(os.path.join(first_dir, "last_2.pth"))["best_epoch"] == 0
 
 
-@pytest.mark.parametrize("lacks", ["the best score (an older checkpoint)", "the best checkpoint file"])
+@pytest.mark.parametrize("lacks", ["the best score (an older checkpoint)", "the best checkpoint file",
+                                   "the best checkpoint file, resuming in the run's own folder"])
 def test_without_the_best_score_or_its_file_a_resume_starts_the_best_afresh_and_says_so(runs, tmp_path, caplog,
                                                                                        lacks):
     _, first_dir, _, _ = runs
     checkpoint = load(os.path.join(first_dir, "last_0.pth"))
     if lacks.startswith("the best score"):
         del checkpoint["best_agg_metric"], checkpoint["best_epoch"]
-    torch.save(checkpoint, tmp_path / "checkpoint_last.pth")  # alone in its folder: no checkpoint_best.pth
+    folder = tmp_path / "resumed" if lacks.endswith("own folder") else tmp_path  # the run's folder: out/job
+    folder.mkdir(exist_ok=True)
+    torch.save(checkpoint, folder / "checkpoint_last.pth")  # alone in its folder: no checkpoint_best.pth
     with caplog.at_level("WARNING"):
-        _, resumed_dir = train(tmp_path, "resumed", resume_ckpt_path=str(tmp_path / "checkpoint_last.pth"))
+        _, resumed_dir = train(tmp_path, "resumed", resume_ckpt_path=str(folder / "checkpoint_last.pth"))
+    assert os.path.samefile(resumed_dir, tmp_path / "resumed")
     assert "the first validated epoch after the resume becomes checkpoint_best.pth" in caplog.text
     assert load(os.path.join(resumed_dir, "checkpoint_best.pth"))["epoch"] == 1

@@ -202,12 +202,14 @@ class RunnerPoint(RunnerBase):
             return 0, 0
         best = checkpoint["best_agg_metric"], checkpoint["best_epoch"]
         source, target = Path(path).with_name("checkpoint_best.pth"), Path(self.output_dir) / "checkpoint_best.pth"
-        if best[0] == 0 or not is_main_process() or source.resolve() == target.resolve():
+        if best[0] == 0 or not is_main_process():
             return best  # only the main process keeps the best, as in RunnerBase
         if not source.is_file():
             logging.warning("%s: best agg_metrics %s (epoch %d) saved, but %s is missing: the first validated "
                             "epoch after the resume becomes checkpoint_best.pth", path, best[0], best[1], source)
             return 0, 0
+        if source.resolve() == target.resolve():  # resumed into the same folder
+            return best
         shutil.copyfile(source, f"{target}.tmp-{os.getpid()}")
         os.replace(f"{target}.tmp-{os.getpid()}", target)
         return best
