@@ -1,4 +1,5 @@
 import argparse
+import logging
 import os
 
 import pytest
@@ -89,3 +90,24 @@ def test_atomic_save_leaves_no_temporary_file(tmp_path):
     path = str(tmp_path / "ck.pth")
     save_checkpoint_atomic({"model": {"a": torch.ones(2)}}, path)
     assert os.listdir(tmp_path) == ["ck.pth"]
+
+
+def test_a_checkpoint_without_the_frozen_encoder_warns_when_nothing_else_gave_it_weights(tmp_path, caplog):
+    """A frozen encoder may be absent from a file (GPT4Point's stage-1 files omit it), but then it must
+    come from model.point_encoder.checkpoint: otherwise it stays random, which only a warning can tell."""
+    from tests.small_models import small_stage1
+    trained = small_stage1(freeze_encoder=True)
+    torch.save({k: v for k, v in trained.state_dict().items() if not k.startswith("point_encoder.")},
+               tmp_path / "no_encoder.pth")
+    torch.save(trained.point_encoder.state_dict(), tmp_path / "encoder.pth")
+    fresh = small_stage1(freeze_encoder=True)
+    with caplog.at_level(logging.WARNING):
+        fresh.load_checkpoint(str(tmp_path / "no_encoder.pth"))
+    assert "no_encoder.pth holds no point_encoder weights" in caplog.text
+    caplog.clear()
+    fresh = small_stage1(freeze_encoder=True)
+    fresh.point_encoder.load_checkpoint(str(tmp_path / "encoder.pth"))
+    with caplog.at_level(logging.WARNING):
+        fresh.load_checkpoint(str(tmp_path / "no_encoder.pth"))
+    assert "point_encoder" not in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values()))

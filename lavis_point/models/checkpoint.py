@@ -130,7 +130,9 @@ def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), 
         problems.append(f"mis-shaped keys ({len(mis_shaped)}): {mis_shaped}")
     elif disagreeing := _tied_disagreements(model, state_dict):
         problems.append(f"tied keys with different values ({len(disagreeing)}): {disagreeing} (the model holds one "
-                        "tensor for each group: loading would keep one value and drop the other silently)")
+                        "tensor for each group: loading would keep one value and drop the other silently; a "
+                        "Q-Former trained with its LM decoder untied loads with "
+                        "model.qformer.tie_word_embeddings=false)")
     if problems:
         raise CheckpointError(f"{source}: cannot load into {type(model).__name__}:\n  " + "\n  ".join(problems))
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)

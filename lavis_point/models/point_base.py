@@ -121,10 +121,17 @@ class PointQueryModel(BaseModel):
         ``pretrained``: the file is an earlier stage, so the parts this stage adds may be absent."""
         state = state_dict_of(read_checkpoint(url_or_filename), url_or_filename)
         state = self.map_foreign_keys(state)
-        return load_state_dict_checked(
+        summary = load_state_dict_checked(
             self, state, source=url_or_filename, ignore_patterns=self.IGNORABLE_KEYS,
             optional_prefixes=self.PRETRAINED_OPTIONAL if pretrained else (),
         )
+        if any(k.startswith("point_encoder.") for k in state):
+            self.point_encoder.weights_from = url_or_filename
+        elif self.point_encoder.weights_from is None:  # a frozen encoder may be absent: from where, then?
+            log.warning("%s holds no point_encoder weights and none were loaded before it (set "
+                        "model.point_encoder.checkpoint): the encoder keeps its random initialisation",
+                        url_or_filename)
+        return summary
 
     def load_from_pretrained(self, url_or_filename):
         return self.load_checkpoint(url_or_filename, pretrained=True)

@@ -88,6 +88,8 @@ class TransformerBlocks(nn.Module):
 class PointBertEncoder(BaseModel):
     """(B, N, 6) points (xyz, rgb in [-1, 1]) -> (B, num_groups, width) point tokens."""
 
+    weights_from = None  # the file its weights were last loaded from (None: random initialisation)
+
     PRETRAINED_MODEL_CONFIG_DICT = {
         "gpt4point": config_path("models/point_bert_gpt4point.yaml"),
         "ulip2": config_path("models/point_bert_ulip2.yaml"),
@@ -159,4 +161,6 @@ class PointBertEncoder(BaseModel):
         with or without a ``module.`` / ``point_encoder.`` prefix (so a whole stage-1 file works)."""
         state = state_dict_of(read_checkpoint(url_or_filename), url_or_filename)
         state = select_prefix(state, "point_encoder.")
-        return load_state_dict_checked(self, state, source=url_or_filename)
+        summary = load_state_dict_checked(self, state, source=url_or_filename)
+        self.weights_from = url_or_filename
+        return summary
