@@ -64,12 +64,16 @@ def load_point_model(arch="point_opt", model_type=None, checkpoint=None, cfg_pat
 
 
 def resolve_checkpoint(cfg, checkpoint=None, cfg_path=None):
-    """The file to load after building: ``checkpoint``; else None when the config names its own
-    weights (``finetuned`` / ``pretrained``, loaded while building); else the embedded default's
+    """The file to load after building: ``checkpoint``, which then replaces the config's own weights
+    (``finetuned`` / ``pretrained`` are cleared, so they are neither loaded first nor needed); else
+    None when the config names its trained weights (``finetuned``, loaded while building; an earlier
+    stage's ``pretrained`` alone would leave this stage's parts random); else the embedded default's
     trained checkpoint, for its model types only. ``MissingWeightsError`` says what to do otherwise."""
     arch, model_type = cfg.model.arch, cfg.model.model_type
-    if checkpoint is None:
-        if cfg.model.get("finetuned") or cfg.model.get("pretrained"):
+    if checkpoint is not None:
+        cfg.model.finetuned = cfg.model.pretrained = None
+    else:
+        if cfg.model.get("finetuned"):
             return None
         if cfg_path or model_type != EMBEDDED_DEFAULT[arch][0]:
             raise MissingWeightsError(

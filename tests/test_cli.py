@@ -234,6 +234,18 @@ def test_the_default_checkpoint_is_the_main_jobs_under_the_run_dir(tmp_path, mon
         assert resolve_checkpoint(model_config(arch, options=["model.finetuned=mine.pth"])) is None
 
 
+def test_an_earlier_stage_alone_is_not_weights_and_a_given_checkpoint_replaces_the_configs(tmp_path):
+    """``model.pretrained`` (stage 1 for point_opt) leaves stage 2 random: it is not enough. A checkpoint
+    given by hand is the weights: the config's files are neither loaded first nor needed."""
+    with pytest.raises(MissingWeightsError, match="no weights for point_opt"):
+        resolve_checkpoint(model_config("point_opt", options=["model.pretrained=stage1.pth"]), cfg_path="x.yaml")
+    given = tmp_path / "mine.pth"
+    given.write_bytes(b"")
+    cfg = model_config("point_opt", options=["model.finetuned=elsewhere/nope.pth", "model.pretrained=nope1.pth"])
+    assert resolve_checkpoint(cfg, str(given)) == str(given)
+    assert cfg.model.finetuned is None and cfg.model.pretrained is None
+
+
 @pytest.mark.parametrize("argv,message", [
     (["classify", "x.npy", "--labels", "cube"], "at least two labels"),
     (["classify", "x.npy", "--labels", "cube,cube"], "repeated"),
