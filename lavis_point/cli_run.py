@@ -35,7 +35,9 @@ def parse_args(description):
 def init_distributed(run_cfg):
     """Under torchrun: one process group, gloo on CPU, nccl on GPU. Otherwise a plain process."""
     if run_cfg.device == "cuda" and not torch.cuda.is_available():
-        logging.warning("run.device is cuda but no GPU is visible: running on CPU")
+        # A named logger: logging.warning() would configure the root logger at WARNING before
+        # setup_logger() runs, and every later INFO line (config, training, metrics) would vanish.
+        logging.getLogger(__name__).warning("run.device is cuda but no GPU is visible: running on CPU")
         run_cfg.device = "cpu"
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         run_cfg.distributed = False
