@@ -181,6 +181,14 @@ def test_render_writes_a_png_of_the_requested_size_showing_the_cloud_in_its_colo
     assert code == 0 and Image.open(png2).size == (600, 700)
 
 
+def test_a_failed_render_still_prints_every_answer(setup, capsys, tmp_path):
+    files = [setup["files"]["cloud.npy"], setup["files"]["mesh.obj"]]
+    code, out, err = run(capsys, "classify", *files, "--labels", "a,b", *setup["stage1"],
+                         "--render", tmp_path / "no_such_dir" / "x.png")
+    assert code == 1 and "cannot render to" in err and "no_such_dir" in err
+    assert [line.split(":")[0] for line in out.strip().splitlines()] == [str(f) for f in files]
+
+
 def test_a_bad_file_is_reported_by_name_and_the_others_still_answer(setup, capsys, tmp_path):
     nan = np.full((200, 6), 0.5, np.float32)
     nan[7, 0] = np.nan

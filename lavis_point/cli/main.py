@@ -156,11 +156,16 @@ def run(args) -> int:
                                                  "checkpoint": checkpoint or cfg.model.get("finetuned")
                                                  or cfg.model.get("pretrained")},
               "results": results}
+    render_failed = False
     if args.render:
         if drawn:
             titles = [_title(path, answer, len(drawn)) for _, path, answer in drawn]
-            render_clouds([t for t, _, _ in drawn], titles, args.render, render_size)
-            report["render"] = args.render
+            try:
+                render_clouds([t for t, _, _ in drawn], titles, args.render, render_size)
+                report["render"] = args.render
+            except (OSError, ValueError) as e:  # the answers are still printed below
+                print(f"lavis-point: cannot render to {args.render}: {e}", file=sys.stderr)
+                render_failed = True
         else:
             print(f"lavis-point: nothing to render to {args.render}: no file was read", file=sys.stderr)
     if args.json:
@@ -169,7 +174,7 @@ def run(args) -> int:
         for r in results:
             if "error" not in r:
                 print(f"{r['file']}: {_text(r, args)}")
-    return 1 if any("error" in r for r in results) else 0
+    return 1 if render_failed or any("error" in r for r in results) else 0
 
 
 def _command(args):
