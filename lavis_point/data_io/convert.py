@@ -68,7 +68,10 @@ def load_for_shard(task):
             peak = float(np.abs(xyz).max())
         if peak > FLOAT16_MAX:
             raise CloudReadError(path, f"its radius {radius:.3g} is beyond float16's range; normalise first")
-        return "ok", np.concatenate([xyz, cloud[:, 3:]], axis=1).astype(np.float16), moved
+        # A cloud left as read goes straight from float32 to float16: the same values as through its
+        # (exact) float64 copy, without the concatenate that costs half the time of this function.
+        stored = cloud if moved is None else np.concatenate([xyz, cloud[:, 3:]], axis=1)
+        return "ok", stored.astype(np.float16), moved
     except CloudReadError as e:
         return "bad", e.reason, None
     except Exception as e:  # e.g. MemoryError on an absurd header: still one reported bad file
@@ -131,8 +134,9 @@ def convert_split(entries, missing, folder, out, split, num_points=8192, shard_s
             for entry, (status, value, moved) in zip(chunks[k], results):
                 source = os.path.relpath(entry["path"], folder)
                 if status == "ok":
+                    # no captions: the index takes them from the current annotations (_finish)
                     index.append({"id": entry["id"], "shard": shard_name(split, k), "index": len(clouds),
-                                  "captions": entry["captions"], "source": source})
+                                  "source": source})
                     clouds.append(value)
                     if moved:
                         index[-1]["offset"] = moved["offset"]
