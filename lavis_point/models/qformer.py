@@ -243,7 +243,7 @@ class QFormer(nn.Module):
 
     def resize_token_embeddings(self, vocab_size):
         """Grow the vocabulary (e.g. BERT's 30522 + [DEC]); new rows start at the mean embedding (and a
-    zero LM-head bias)."""
+        zero LM-head bias)."""
         old = self.bert.embeddings.word_embeddings
         if vocab_size == old.num_embeddings:
             return
