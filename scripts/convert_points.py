@@ -8,7 +8,7 @@
 Annotations: GPT4Point JSON ([{"point", "caption"}]), Cap3D CSV (uid,caption) or JSONL. Clouds:
 .pkl (restricted unpickler: no code runs), .npy, .npz, .ply, .pts/.xyz/.txt, or meshes (.obj .ply .glb
 .gltf .off .stl, sampled by area with their colours). Interrupted? Run the same command again: finished
-chunks are kept. Bad files are skipped and listed with their reason in {out}/{split}_report.json.
+chunks are kept, except those whose objects or files changed since, which are converted again. Bad files are skipped and listed with their reason in {out}/{split}_report.json.
 A cloud far from the origin for its size is stored centred, its offset in its index entry and the report.
 Each shard gets a _stats.npy beside it (per-cloud centre, radius, colour range) so that training
 processes each cloud in one pass.
@@ -66,6 +66,8 @@ def convert(args):
         total += report["converted"]
         print(f"{split}: {report['converted']} converted, {report['bad']} bad of {report['objects']} "
               f"(list: {os.path.join(args.out, split + '_report.json')})")
+        for redo in report["reconverted"][:10]:
+            print(f"  chunk {redo['chunk']} converted again: {redo['why']}")
         if report["centred"]:
             print(f"  {report['centred']} stored centred: far from the origin for their size, float16 would lose "
                   "their shape (each one's offset is in its index entry and the report)")

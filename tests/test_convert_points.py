@@ -192,22 +192,60 @@ def test_rerunning_after_fixing_captions_takes_the_new_captions_without_redoing_
         {"obj0": ["a chair"], "obj1": ["a table", "a small table"], "obj2": ["a lamp"]}
 
 
-@pytest.mark.parametrize("change", ["clouds", "sources"])
-def test_resuming_where_an_object_would_read_another_file_is_refused(tmp_path, change):
-    first, second, out = tmp_path / "first", tmp_path / "second", str(tmp_path / "shards")
+def assert_same_conversion(out, fresh):
+    assert index_of(out) == index_of(fresh)
+    assert sorted(n for n in os.listdir(out) if n.endswith(".npy")) == \
+        sorted(n for n in os.listdir(fresh) if n.endswith(".npy"))
+    for name in os.listdir(fresh):
+        if name.endswith(".npy"):
+            assert np.array_equal(np.load(os.path.join(out, name)), np.load(os.path.join(fresh, name))), name
+
+
+@pytest.mark.parametrize("change", ["clouds", "sources", "contents", "fewer", "earlier release"])
+def test_a_rerun_converts_again_exactly_the_chunks_whose_objects_or_files_changed(tmp_path, change):
+    """One object per chunk: obj0 never changes, so its chunk is kept; obj1's chunk is converted again
+    and the report says why; the result equals a fresh conversion."""
+    first, second, out, fresh = tmp_path / "first", tmp_path / "second", str(tmp_path / "out"), str(tmp_path / "fresh")
     for folder in (first, second):
         folder.mkdir()
-        for i in range(2):  # the same names, other clouds
-            np.save(folder / f"obj{i}.npy", pf.coloured_cloud(256, seed=i + (folder == second) * 10))
+        for i in range(3):  # the same names; obj1 and obj2 hold other clouds in the second folder
+            np.save(folder / f"obj{i}.npy", pf.coloured_cloud(256, seed=i + (folder == second and i > 0) * 10))
+    os.utime(second / "obj0.npy", ns=(os.stat(first / "obj0.npy").st_atime_ns, os.stat(first / "obj0.npy").st_mtime_ns))
     np.save(first / "other.npy", pf.coloured_cloud(256, seed=99))
     annotations = tmp_path / "a.json"
-    annotations.write_text(json.dumps([{"point": f"obj{i}.npy", "caption": "x"} for i in range(2)]))
-    run_convert(str(annotations), str(first), out, num_points=256)
-    if change == "sources":  # obj1 now points at another file of the same folder
+    annotations.write_text(json.dumps([{"point": f"obj{i}.npy", "caption": "x"} for i in range(3)]))
+    run_convert(str(annotations), str(first), out, num_points=256, shard_size=1)
+    kept = os.stat(os.path.join(out, "train_points_00000.npy")).st_mtime_ns
+
+    folder, why = first, None
+    if change == "clouds":  # another folder: obj0 is the same file (size, mtime), obj1 and obj2 are not
+        folder, why = second, "obj1.npy changed"
+    elif change == "sources":  # obj1 now points at another file of the same folder
         annotations.write_text(json.dumps([{"point": "obj0.npy", "caption": "x"},
-                                           {"uid": "obj1", "point": "other.npy", "caption": "x"}]))
-    with pytest.raises(ValueError, match=f"other settings .*{change}"):
-        run_convert(str(annotations), str(second if change == "clouds" else first), out, num_points=256)
+                                           {"uid": "obj1", "point": "other.npy", "caption": "x"},
+                                           {"point": "obj2.npy", "caption": "x"}]))
+        why = "it held obj1 (obj1.npy), now obj1 (other.npy)"
+    elif change == "contents":  # obj1's file rewritten in place, same name and size
+        np.save(first / "obj1.npy", pf.coloured_cloud(256, seed=7))
+        os.utime(first / "obj1.npy", ns=(0, os.stat(first / "obj1.npy").st_mtime_ns + 10**9))
+        why = "obj1.npy changed"
+    elif change == "fewer":  # obj2 dropped (its chunk must not stay beside the index), obj1 touched
+        annotations.write_text(json.dumps([{"point": f"obj{i}.npy", "caption": "x"} for i in range(2)]))
+        os.utime(first / "obj1.npy", ns=(0, os.stat(first / "obj1.npy").st_mtime_ns + 10**9))
+        why = "obj1.npy changed"
+    else:  # a chunk record written before records listed their files
+        path = os.path.join(out, "train_points_00001.json")
+        record = json.load(open(path))
+        del record["sources"]
+        open(path, "w").write(json.dumps(record))
+        why = "earlier lavis-point"
+    report = run_convert(str(annotations), str(folder), out, num_points=256, shard_size=1)
+    assert os.stat(os.path.join(out, "train_points_00000.npy")).st_mtime_ns == kept
+    assert report["reconverted"][0]["chunk"] == 1 and why in report["reconverted"][0]["why"]
+    assert all(r["chunk"] != 0 for r in report["reconverted"])
+    fresh_report = run_convert(str(annotations), str(folder), fresh, num_points=256, shard_size=1)
+    assert fresh_report["reconverted"] == [] and {**report, "reconverted": []} == fresh_report
+    assert_same_conversion(out, fresh)
 
 
 def test_the_script_splits_a_cap3d_csv_by_id_and_reports(tmp_path):

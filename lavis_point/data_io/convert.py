@@ -4,11 +4,13 @@ Work goes chunk by chunk: chunk k's good clouds become ``{split}_points_{k:05d}.
 (n_k, num_points, 6)) and ``{split}_points_{k:05d}_stats.npy`` (each cloud's centre, radius and
 colour range, from the float16 values as stored: the processor then needs one pass per cloud), then
 ``{split}_points_{k:05d}.json`` records its index entries and bad files.
-Both are written under a temporary name and renamed, so a chunk is either finished or absent: an
-interrupted conversion, run again with the same settings over the same files, skips finished chunks
-(other settings or files are refused). When every chunk is done, ``{split}.jsonl`` (the index, its
-captions from this run's annotations) and ``{split}_report.json`` (counts, each bad file and why) are
-written. Clouds are stored as read (xyz as is, rgb in [0, 1], white when absent), except one far from
+Both are written under a temporary name and renamed, so a chunk is either finished or absent. The
+record lists each object of the chunk with its file's path, size and modification time: run again
+(after an interruption, or after the annotations or files changed), a finished chunk is kept only when
+that list is still the same, and converted again otherwise (the report says why); other
+``num_points`` or ``shard_size`` are refused. When every chunk is done, ``{split}.jsonl`` (the index,
+its captions from this run's annotations) and ``{split}_report.json`` (counts, each bad file and why,
+each chunk converted again and why) are written. Clouds are stored as read (xyz as is, rgb in [0, 1], white when absent), except one far from
 the origin for its size, which is stored centred (see ``CENTRE_ABOVE``); a cloud with other than
 ``num_points`` points is resampled to it, with a seed from its id so reruns agree.
 """
@@ -16,6 +18,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 
 import numpy as np
 from tqdm import tqdm
@@ -85,28 +88,66 @@ def _replace_atomically(path, write):
     os.replace(tmp, path)
 
 
-def _write_chunk(out, split, number, clouds, entries, bad, centred):
+def _write_chunk(out, split, number, clouds, entries, bad, centred, sources):
     name = shard_name(split, number)
     if clouds:
         stacked = np.stack(clouds)
         _replace_atomically(os.path.join(out, name), lambda f: np.save(f, stacked))
         _replace_atomically(os.path.join(out, stats_name(name)), lambda f: np.save(f, cloud_statistics(stacked)))
-    record = json.dumps({"entries": entries, "bad": bad, "centred": centred}).encode()
+    else:  # no good cloud (now): a shard left by an earlier conversion of this chunk goes
+        for stale in (name, stats_name(name)):
+            if os.path.isfile(os.path.join(out, stale)):
+                os.remove(os.path.join(out, stale))
+    record = json.dumps({"entries": entries, "bad": bad, "centred": centred, "sources": sources}).encode()
     _replace_atomically(os.path.join(out, name[:-4] + ".json"), lambda f: f.write(record))
 
 
 def _check_manifest(out, split, settings):
+    """Refuses a folder whose conversion used other settings: every chunk would change."""
     path = os.path.join(out, f"{split}_manifest.json")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             started = json.load(f)
-        if started != settings:
-            changed = [f"{k}: {started.get(k)} -> {value}" for k, value in settings.items()
-                       if started.get(k) != value]
+        changed = [f"{k}: {started.get(k)} -> {value}" for k, value in settings.items() if started.get(k) != value]
+        if changed:
             raise ValueError(f"{path}: this folder holds a conversion started with other settings "
                              f"({'; '.join(changed)}); use another output folder or delete its {split}_* files")
-    else:
-        _replace_atomically(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+    _replace_atomically(path, lambda f: f.write(json.dumps(settings, indent=1).encode()))
+
+
+def _sources(chunk, folder):
+    """What decides a chunk's clouds: each object's id, file (relative to the folder), size and mtime."""
+    listed = []
+    for e in chunk:
+        st = os.stat(e["path"])
+        listed.append([e["id"], os.path.relpath(e["path"], folder), st.st_size, st.st_mtime_ns])
+    return listed
+
+
+def _why_redo(record_path, sources):
+    """None when the finished chunk at record_path (if any) was made from these sources, else why not."""
+    if not os.path.isfile(record_path):
+        return "not converted yet"
+    with open(record_path, encoding="utf-8") as f:
+        done = json.load(f).get("sources")
+    if done is None:
+        return "written by an earlier lavis-point, which did not list its files"
+    for was, now in zip(done, sources):
+        if was[:2] != now[:2]:
+            return f"it held {was[0]} ({was[1]}), now {now[0]} ({now[1]}): the annotations changed"
+        if was != now:
+            return f"{now[1]} changed (size or modification time) since it was converted"
+    return None if len(done) == len(sources) else f"it held {len(done)} objects, now {len(sources)}"
+
+
+def _remove_chunks_from(out, split, first):
+    """Deletes this split's chunk files numbered ``first`` and up: left by an earlier conversion of more
+    objects, they would otherwise lie beside the new index unused."""
+    pattern = re.compile(re.escape(split) + r"_points_(\d{5})(_stats)?\.(npy|json)(\.partial)?")
+    for name in os.listdir(out):
+        match = pattern.fullmatch(name)
+        if match and int(match.group(1)) >= first:
+            os.remove(os.path.join(out, name))
 
 
 def convert_split(entries, missing, folder, out, split, num_points=8192, shard_size=2048, workers=0,
@@ -114,15 +155,13 @@ def convert_split(entries, missing, folder, out, split, num_points=8192, shard_s
     """Convert located ``entries`` (each with "path"); ``missing`` ones are reported as bad. Returns the
     report (also written to ``{out}/{split}_report.json``)."""
     os.makedirs(out, exist_ok=True)
-    # Everything that decides which cloud a chunk holds: the folder, and each object's id and file in it.
-    # (Captions are not: the index takes them from the current annotations when it is written.)
-    sources = "\n".join(f"{e['id']}\t{os.path.relpath(e['path'], folder)}" for e in entries)
-    _check_manifest(out, split, {"num_points": num_points, "shard_size": shard_size, "objects": len(entries),
-                                 "clouds": os.path.realpath(folder),
-                                 "sources_sha1": hashlib.sha1(sources.encode()).hexdigest()})
+    _check_manifest(out, split, {"num_points": num_points, "shard_size": shard_size})
     chunks = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)]
     record_path = [os.path.join(out, shard_name(split, k)[:-4] + ".json") for k in range(len(chunks))]
-    todo = [k for k in range(len(chunks)) if not os.path.isfile(record_path[k])]
+    sources = [_sources(chunk, folder) for chunk in chunks]
+    why = [_why_redo(path, listed) for path, listed in zip(record_path, sources)]
+    _remove_chunks_from(out, split, len(chunks))
+    todo = [k for k in range(len(chunks)) if why[k]]
     bar = tqdm(total=len(entries), initial=len(entries) - sum(len(chunks[k]) for k in todo), unit="cloud",
                desc=f"converting {split}", disable=not progress)
     pool = multiprocessing.Pool(workers) if workers > 0 and todo else None
@@ -144,15 +183,16 @@ def convert_split(entries, missing, folder, out, split, num_points=8192, shard_s
                 else:
                     bad.append({"id": entry["id"], "path": source, "reason": value})
                 bar.update(1)
-            _write_chunk(out, split, k, clouds, index, bad, centred)
+            _write_chunk(out, split, k, clouds, index, bad, centred, sources[k])
     finally:
         bar.close()
         if pool:
             pool.terminate()
-    return _finish(out, split, record_path, missing, folder, {e["id"]: e["captions"] for e in entries})
+    redone = [{"chunk": k, "why": why[k]} for k in todo if why[k] != "not converted yet"]
+    return _finish(out, split, record_path, missing, folder, {e["id"]: e["captions"] for e in entries}, redone)
 
 
-def _finish(out, split, record_path, missing, folder, captions):
+def _finish(out, split, record_path, missing, folder, captions, redone):
     index, bad = [], [{"id": e["id"], "path": e.get("point"), "reason": f"no cloud file found in {folder}"}
                       for e in missing]
     centred = []
@@ -165,7 +205,7 @@ def _finish(out, split, record_path, missing, folder, captions):
     lines = "".join(json.dumps(entry) + "\n" for entry in index).encode()
     _replace_atomically(os.path.join(out, f"{split}.jsonl"), lambda f: f.write(lines))
     report = {"split": split, "objects": len(index) + len(bad), "converted": len(index), "bad": len(bad),
-              "bad_files": bad, "centred": len(centred), "centred_files": centred}
+              "bad_files": bad, "centred": len(centred), "centred_files": centred, "reconverted": redone}
     _replace_atomically(os.path.join(out, f"{split}_report.json"),
                         lambda f: f.write(json.dumps(report, indent=1).encode()))
     return report
