@@ -33,13 +33,20 @@ def synchronize_meters(metric_logger, device):
         meter.count, meter.total = int(t[0].item()), t[1].item()
 
 
-def report_skipped(failures, device, when):
-    """Log how many samples were skipped over all ranks (and this rank's first reasons); returns the total."""
-    total = len(failures)
+def report_skipped(failures, device, when, distinct=False):
+    """Log how many samples were skipped over all ranks (and this rank's first reasons); returns the total.
+    ``distinct``: count each failure once (evaluation, where a DistributedSampler pads the last ranks
+    with the first items again, so two ranks can meet the same bad item; messages name the item)."""
+    total = len(set(failures)) if distinct else len(failures)
     if is_dist_avail_and_initialized():
-        t = torch.tensor([total], dtype=torch.int64, device=device)
-        dist.all_reduce(t)
-        total = int(t.item())
+        if distinct:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, sorted(set(failures)))
+            total = len(set().union(*gathered))
+        else:
+            t = torch.tensor([total], dtype=torch.int64, device=device)
+            dist.all_reduce(t)
+            total = int(t.item())
     if total:
         logging.warning("%s: skipped %d bad samples over all ranks (each logged when met); first here: %s",
                         when, total, failures[:5])
@@ -60,7 +67,7 @@ class PointBaseTask(BaseTask):
                 continue
             samples = prepare_sample(samples, cuda_enabled=device.type == "cuda")
             results.extend(self.valid_step(model=model, samples=samples))
-        self.skipped_in_evaluation = report_skipped(failures, device, "evaluation")
+        self.skipped_in_evaluation = report_skipped(failures, device, "evaluation", distinct=True)
         if is_dist_avail_and_initialized():
             dist.barrier()
         return results
