@@ -103,7 +103,7 @@ def test_matching_head_reranks_the_top_k_and_cannot_promote_what_lies_outside():
 
 
 def test_collectives_run_on_this_rank_gpu_under_nccl_and_on_cpu_under_gloo(monkeypatch):
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # what init_distributed set
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     assert collective_device() == torch.device("cuda", 1)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")

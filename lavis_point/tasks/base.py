@@ -23,17 +23,27 @@ def model_device(model):
     return next(model.parameters()).device
 
 
-def synchronize_meters(metric_logger, device):
-    """Average the meters' totals over ranks on the model's device (gloo on CPU, nccl on GPU)."""
+def collective_device():
+    """Where tensors must lie for this process group's collectives (one rule for every task): nccl
+    takes CUDA tensors only, on this process's GPU (cli_run.init_distributed sets it from the local
+    rank); gloo, CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def synchronize_meters(metric_logger):
+    """Average the meters' totals over ranks."""
     if not is_dist_avail_and_initialized():
         return
+    device = collective_device()
     for meter in metric_logger.meters.values():
         t = torch.tensor([meter.count, meter.total], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         meter.count, meter.total = int(t[0].item()), t[1].item()
 
 
-def report_skipped(failures, device, when, distinct=False):
+def report_skipped(failures, when, distinct=False):
     """Log how many samples were skipped over all ranks (and this rank's first reasons); returns the total.
     ``distinct``: count each failure once (evaluation, where a DistributedSampler pads the last ranks
     with the first items again, so two ranks can meet the same bad item; messages name the item)."""
@@ -44,7 +54,7 @@ def report_skipped(failures, device, when, distinct=False):
             dist.all_gather_object(gathered, sorted(set(failures)))
             total = len(set().union(*gathered))
         else:
-            t = torch.tensor([total], dtype=torch.int64, device=device)
+            t = torch.tensor([total], dtype=torch.int64, device=collective_device())
             dist.all_reduce(t)
             total = int(t.item())
     if total:
@@ -67,7 +77,7 @@ class PointBaseTask(BaseTask):
                 continue
             samples = prepare_sample(samples, cuda_enabled=device.type == "cuda")
             results.extend(self.valid_step(model=model, samples=samples))
-        self.skipped_in_evaluation = report_skipped(failures, device, "evaluation", distinct=True)
+        self.skipped_in_evaluation = report_skipped(failures, "evaluation", distinct=True)
         if is_dist_avail_and_initialized():
             dist.barrier()
         return results
@@ -101,8 +111,8 @@ class PointBaseTask(BaseTask):
                 optimizer.zero_grad()
             metric_logger.update(loss=loss.item(), **{k: v.item() for k, v in output.items() if k != "loss"})
             metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-        synchronize_meters(metric_logger, device)
+        synchronize_meters(metric_logger)
         logging.info("Averaged stats: " + str(metric_logger.global_avg()))
         stats = {k: "{:.4f}".format(meter.global_avg) for k, meter in metric_logger.meters.items()}
-        stats["skipped_samples"] = report_skipped(failures, device, f"train epoch {epoch}")
+        stats["skipped_samples"] = report_skipped(failures, f"train epoch {epoch}")
         return stats

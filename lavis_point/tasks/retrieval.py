@@ -17,7 +17,6 @@ cloud with the same attributes (the embedded set repeats attribute combinations 
 instance-level retrieval would punish a right answer). Chance levels are reported beside each recall.
 """
 import logging
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,19 +26,11 @@ from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized, is_
 from lavis.common.registry import registry
 from lavis.datasets.data_utils import prepare_sample
 
-from lavis_point.tasks.base import PointBaseTask, model_device
+from lavis_point.tasks.base import PointBaseTask, collective_device, model_device
 from lavis_point.tasks.eval_io import all_gather_objects, write_metrics
 from lavis_point.tasks.ranking_metrics import chance_recall_at_k, recall_at_k
 
 KS = (1, 5, 10)
-
-
-def collective_device():
-    """Where tensors must lie for this process group's collectives: nccl reduces CUDA tensors only
-    (this process's GPU, the local rank train.py/evaluate.py pass to ``cuda.set_device``); gloo, CPU ones."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def retrieval_pairs(dataset, match_by=None):
