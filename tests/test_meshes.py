@@ -43,3 +43,10 @@ def test_uv_coordinates_without_a_material_are_white(tmp_path):
 def test_a_real_kd_still_colours_and_tints_a_texture(tmp_path, red_png):
     assert np.allclose(rgb(write_obj(tmp_path, "Kd 0.2 0.6 1.0\n", uv=False)), [0.2, 0.6, 1.0], atol=1 / 255)
     assert np.allclose(rgb(write_obj(tmp_path, "Kd 0.5 1 1\nmap_Kd red.png\n")), [0.5, 0, 0], atol=1 / 255)
+
+
+def test_a_kd_that_says_trimesh_default_grey_is_that_grey(tmp_path, red_png):
+    """trimesh fills in 0.4 grey where Kd is absent; an MTL that states 0.4 means it (it keeps the
+    MTL's own values beside, which is how the two are told apart)."""
+    assert np.allclose(rgb(write_obj(tmp_path, "Kd 0.4 0.4 0.4\n", uv=False)), 0.4, atol=1 / 255)
+    assert np.allclose(rgb(write_obj(tmp_path, "Kd 0.4 0.4 0.4\nmap_Kd red.png\n")), [0.4, 0, 0], atol=1 / 255)

@@ -12,8 +12,8 @@ from trimesh.visual.material import PBRMaterial, color_image
 
 WHITE = np.ones(3, dtype=np.float32)
 # What trimesh (5.2) fills in where an OBJ says nothing: Kd absent -> DEFAULT_COLOR (grey 0.4), uv but
-# no material -> a 2x2 grey image. It leaves no other mark, so these values count as "no colour": an
-# MTL that really says ``Kd 0.4 0.4 0.4`` reads as white.
+# no material -> a 2x2 grey image. These count as "no colour". An MTL that states ``Kd 0.4 0.4 0.4``
+# is told apart by the MTL's own values, which trimesh keeps in ``material.kwargs`` ("kd").
 TRIMESH_DEFAULT_IMAGE = np.asarray(color_image())
 
 
@@ -54,7 +54,8 @@ def surface_colour(mesh, faces, bary) -> np.ndarray:
             image, factor = material.baseColorTexture, material.baseColorFactor
         else:
             image, factor = getattr(material, "image", None), getattr(material, "diffuse", None)
-            if factor is not None and np.array_equal(factor, DEFAULT_COLOR):
+            stated = "kd" in (getattr(material, "kwargs", None) or {})
+            if factor is not None and np.array_equal(factor, DEFAULT_COLOR) and not stated:
                 factor = None
             if getattr(image, "size", None) == (2, 2) and np.array_equal(image, TRIMESH_DEFAULT_IMAGE):
                 image = None
