@@ -95,6 +95,8 @@ def test_text_clouds_with_commas_spaces_and_a_count_header(tmp_path):
     assert np.allclose(read_cloud(tmp_path / "a.xyz"), cloud)
     assert np.allclose(read_cloud(tmp_path / "b.txt"), cloud)
     assert np.allclose(read_cloud(tmp_path / "c.pts"), cloud[:, :3])
+    (tmp_path / "d.txt").write_text("\ufeff" + (tmp_path / "b.txt").read_text())  # saved by a Windows editor
+    assert np.allclose(read_cloud(tmp_path / "d.txt"), cloud)
 
 
 def test_xyz_only_clouds_stay_three_wide_or_become_white(tmp_path):

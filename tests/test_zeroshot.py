@@ -128,6 +128,40 @@ def test_modelnet40_folder_of_class_and_split_subfolders(tmp_path):
                                                                                             "desk/test/desk_1"]
 
 
+def test_class_names_with_a_byte_order_mark_lose_no_class(tmp_path):
+    (tmp_path / "shape_names.txt").write_text("\ufeffairplane\nbathtub\n", encoding="utf-8")
+    for name in ("airplane", "bathtub"):
+        (tmp_path / name / "test").mkdir(parents=True)
+        np.save(tmp_path / name / "test" / f"{name}_1.npy", np.random.rand(20, 3).astype(np.float32))
+    test = build("modelnet40", "folder", storage=str(tmp_path))["test"]
+    assert test.classnames == ["airplane", "bathtub"] and test.labels == [0, 1]
+
+
+def test_a_class_folder_without_clouds_is_named_in_a_warning(tmp_path, caplog):
+    (tmp_path / "shape_names.txt").write_text("bed\ndesk\n")
+    (tmp_path / "bed" / "test").mkdir(parents=True)
+    np.save(tmp_path / "bed" / "test" / "bed_1.npy", np.random.rand(20, 3).astype(np.float32))
+    (tmp_path / "Desk" / "test").mkdir(parents=True)  # misspelt: the class 'desk' has nothing
+    np.save(tmp_path / "Desk" / "test" / "desk_1.npy", np.random.rand(20, 3).astype(np.float32))
+    with caplog.at_level(logging.WARNING):
+        test = build("modelnet40", "folder", storage=str(tmp_path))["test"]
+    assert test.labels == [0] and "1 classes have no test clouds" in caplog.text and "['desk']" in caplog.text
+
+
+@pytest.mark.parametrize("junk", [b"not hdf5 at all", "airplane\n".encode("utf-16")])
+def test_unreadable_modelnet40_files_are_named(tmp_path, junk):
+    (tmp_path / "shape_names.txt").write_text("airplane\n")
+    write_h5(tmp_path / "ply_data_test0.h5", np.zeros((1, 8, 3), dtype=np.float32), np.array([[0]]))
+    if junk.startswith(b"not"):
+        (tmp_path / "ply_data_test0.h5").write_bytes(junk)
+        bad = "ply_data_test0.h5: not a readable HDF5 file"
+    else:
+        (tmp_path / "shape_names.txt").write_bytes(junk)
+        bad = "shape_names.txt: not UTF-8 text"
+    with pytest.raises((OSError, ValueError), match=bad):
+        build("modelnet40", "h5", storage=str(tmp_path))
+
+
 @pytest.mark.parametrize("layout", ["id_to_category", "category_to_ids"])
 def test_objaverse_lvis_skips_and_counts_objects_without_a_cloud(tmp_path, layout):
     (tmp_path / "points").mkdir()

@@ -160,7 +160,7 @@ def _npz_cloud(archive) -> np.ndarray:
 
 
 def _read_text(path) -> np.ndarray:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first number
         lines = [line.replace(",", " ").split() for line in f if line.strip()]
     if lines and len(lines[0]) == 1 and len(lines) > 1:
         lines = lines[1:]  # a point-count header

@@ -85,8 +85,12 @@ class CloudFileList:
 
 
 def read_lines(path):
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    """Non-empty stripped lines; a byte-order mark (Windows editors) is not part of the first."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
 
 
 def read_classnames(root, candidates=("shape_names.txt", "modelnet40_shape_names.txt")):
@@ -112,7 +116,11 @@ def modelnet40_h5(root, split):
         raise FileNotFoundError(f"{root}: no {split}_files.txt and no ply_data_{split}*.h5 files")
     clouds, labels = [], []
     for path in files:
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:  # h5py's message names no file
+            raise OSError(f"{path}: not a readable HDF5 file ({e})") from None
+        with f:
             for key in ("data", "label"):
                 if key not in f:
                     raise KeyError(f"{path}: no '{key}' dataset (has {sorted(f.keys())})")
@@ -138,14 +146,19 @@ def modelnet40_folder(root, split):
         return CloudFileList(paths, xyz_only=True), labels, names, classnames
     classnames = read_classnames(root) or sorted(
         d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, split)))
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for label, name in enumerate(classnames):
         files = sorted(p for p in glob.glob(os.path.join(root, name, split, "*"))
                        if p.lower().endswith(FOLDER_CLOUD_EXTS))
         paths += files
         labels += [label] * len(files)
+        if not files:
+            empty.append(name)
     if not paths:
         raise FileNotFoundError(f"{root}: no modelnet40_{split}.txt and no <class>/{split}/*.npy|*.txt clouds")
+    if empty:  # a misspelt class or folder would otherwise vanish from the accuracy unseen
+        log.warning("%s: %d classes have no %s clouds (no %s): %s", root, len(empty), split,
+                    os.path.join("<class>", split, "*.npy|*.txt"), empty[:10])
     ids = [os.path.splitext(os.path.relpath(p, root))[0] for p in paths]
     return CloudFileList(paths, xyz_only=True), labels, ids, classnames
 
