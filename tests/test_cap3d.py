@@ -112,6 +112,17 @@ def test_shards_and_files_give_the_same_items_up_to_float16(cap3d_root):
                 assert torch.allclose(a["point"], b["point"], atol=2e-3)
 
 
+@pytest.mark.parametrize("source, annotations", [("shards", "train.jsonl"), ("files", "train.json")])
+def test_both_sources_honour_the_prompt_and_match_by_options(cap3d_root, source, annotations):
+    cfg = config(root=str(cap3d_root), source=source)
+    cfg.prompt, cfg.match_by = "a 3D model of", ["id"]  # a stage-2 mix with QA; items alike by id
+    train = build(cfg)["train"]
+    assert train[0]["prompt"] == "a 3D model of" and [train[i]["match_id"] for i in range(3)] == [0, 1, 2]
+    cfg.match_by = ["shape"]
+    with pytest.raises(ValueError, match=f"{annotations}: match_by .* has no"):
+        build(cfg)
+
+
 def test_an_unknown_source_is_refused(cap3d_root):
     with pytest.raises(ValueError, match="source: expected 'shards' or 'files'"):
         build(config(root=str(cap3d_root), source="tar"))

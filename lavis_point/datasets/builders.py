@@ -13,11 +13,24 @@ from lavis_point.datasets.point_caption import PointCaptionDataset, read_jsonl
 from lavis_point.paths import config_path
 
 
-def shard_datasets(folder, splits, vis_processors, text_processors, vocabularies=None, prompt=None, match_by=None):
+def caption_dataset(builder, points, annotations, split, source, vocabularies=None):
+    """One split of a caption builder, with the dataset options every caption builder honours:
+    ``prompt`` (items carry it, for stage 2 mixing captions with QA) and ``match_by`` (annotation fields
+    that make items alike, ``PointCaptionDataset.set_match_by``). ``source`` names the annotations."""
+    is_train = split == "train"
+    kind = "train" if is_train else "eval"
+    dataset = PointCaptionDataset(points, annotations, builder.vis_processors[kind], builder.text_processors[kind],
+                                  is_train)
+    dataset.vocabularies, dataset.prompt = vocabularies, builder.config.get("prompt")
+    if builder.config.get("match_by"):
+        dataset.set_match_by(list(builder.config.match_by), source)
+    return dataset
+
+
+def shard_datasets(builder, folder, splits, vocabularies=None):
     """Datasets over a folder of shards: ``{split}.jsonl`` (one entry per cloud: id, where its row is,
     caption or captions) and either ``{split}_points.npy`` ((n, P, 6), memory-mapped) or the numbered
-    shards scripts/convert_points.py writes (data_io/shards.py). ``match_by``: annotation fields
-    that make items alike (``PointCaptionDataset.set_match_by``)."""
+    shards scripts/convert_points.py writes (data_io/shards.py)."""
     datasets = {}
     for split in splits:
         points_path = os.path.join(folder, f"{split}_points.npy")
@@ -29,18 +42,7 @@ def shard_datasets(folder, splits, vis_processors, text_processors, vocabularies
         else:
             raise FileNotFoundError(f"{points_path}: no point shard for split '{split}' (nor an index "
                                     f"{split}.jsonl of numbered shards)")
-        is_train = split == "train"
-        dataset = PointCaptionDataset(
-            points,
-            read_jsonl(index_path),
-            vis_processors["train" if is_train else "eval"],
-            text_processors["train" if is_train else "eval"],
-            is_train,
-        )
-        dataset.vocabularies, dataset.prompt = vocabularies, prompt
-        if match_by:
-            dataset.set_match_by(list(match_by), index_path)
-        datasets[split] = dataset
+        datasets[split] = caption_dataset(builder, points, read_jsonl(index_path), split, index_path, vocabularies)
     return datasets
 
 
@@ -56,8 +58,7 @@ class PointCaptionShardsBuilder(BaseDatasetBuilder):
         info = self.config.build_info
         folder = os.path.expandvars(os.path.expanduser(str(info.storage)))
         self.build_processors()
-        return shard_datasets(folder, list(info.splits), self.vis_processors, self.text_processors,
-                              prompt=self.config.get("prompt"), match_by=self.config.get("match_by"))
+        return shard_datasets(self, folder, list(info.splits))
 
 
 @registry.register_builder("shapes_point_caption")
@@ -80,5 +81,4 @@ class ShapesPointCaptionBuilder(BaseDatasetBuilder):
         folder = shapes.ensure_embedded_dataset(info.get("root"), **params)
         self.build_processors()
         vocabularies = {"shape": list(shapes.SHAPES), "color": list(shapes.COLORS), "size": list(shapes.SIZES)}
-        return shard_datasets(folder, list(params["sizes"]), self.vis_processors, self.text_processors,
-                              vocabularies, prompt=self.config.get("prompt"), match_by=self.config.get("match_by"))
+        return shard_datasets(self, folder, list(params["sizes"]), vocabularies)

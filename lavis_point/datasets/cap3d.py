@@ -17,7 +17,7 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
 from lavis_point.data_io.clouds import CLOUD_EXTS, read_cloud
-from lavis_point.datasets.builders import shard_datasets
+from lavis_point.datasets.builders import caption_dataset, shard_datasets
 from lavis_point.datasets.point_caption import PointCaptionDataset, read_json, read_jsonl
 from lavis_point.paths import config_path
 
@@ -135,8 +135,7 @@ class Cap3DPointCaptionBuilder(BaseDatasetBuilder):
         splits = list(info.splits)
         self.build_processors()
         if info.source == "shards":
-            return shard_datasets(resolve(root, info.shards), splits, self.vis_processors, self.text_processors,
-                                  match_by=self.config.get("match_by"))
+            return shard_datasets(self, resolve(root, info.shards), splits)
         if info.source != "files":
             raise ValueError(f"datasets.cap3d_point_caption.build_info.source: expected 'shards' or 'files', "
                              f"got '{info.source}'")
@@ -151,9 +150,4 @@ class Cap3DPointCaptionBuilder(BaseDatasetBuilder):
                             f"no cloud file in {folder} (first: {missing[0]['id']}); skipped")
         if not located:
             raise FileNotFoundError(f"{annotation_path}: none of its objects has a cloud file in {folder}")
-        is_train = split == "train"
-        dataset = PointCaptionDataset(CloudFiles(), located, self.vis_processors["train" if is_train else "eval"],
-                                      self.text_processors["train" if is_train else "eval"], is_train)
-        if self.config.get("match_by"):
-            dataset.set_match_by(list(self.config.match_by), annotation_path)
-        return dataset
+        return caption_dataset(self, CloudFiles(), located, split, annotation_path)
