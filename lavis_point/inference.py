@@ -64,14 +64,21 @@ def load_point_model(arch="point_opt", model_type=None, checkpoint=None, cfg_pat
 
 
 def resolve_checkpoint(cfg, checkpoint=None, cfg_path=None):
-    """The file to load after building: ``checkpoint``, which then replaces the config's own weights
-    (``finetuned`` / ``pretrained`` are cleared, so they are neither loaded first nor needed); else
-    None when the config names its trained weights (``finetuned``, loaded while building; an earlier
-    stage's ``pretrained`` alone would leave this stage's parts random); else the embedded default's
-    trained checkpoint, for its model types only. ``MissingWeightsError`` says what to do otherwise."""
+    """The file to load after building: ``checkpoint``, which then replaces the config's ``finetuned``
+    (cleared: neither loaded first nor needed) but not its ``pretrained``, an earlier stage loaded
+    first for the parts the checkpoint may lack (a frozen encoder a run saved without); else None
+    when the config names its trained weights (``finetuned``, loaded while building; ``pretrained``
+    alone would leave this stage's parts random); else the embedded default's trained checkpoint, for
+    its model types only. ``MissingWeightsError`` says what to do otherwise."""
     arch, model_type = cfg.model.arch, cfg.model.model_type
     if checkpoint is not None:
-        cfg.model.finetuned = cfg.model.pretrained = None
+        cfg.model.finetuned = None
+        pretrained = cfg.model.get("pretrained")
+        if pretrained and not os.path.isfile(pretrained):
+            raise MissingWeightsError(
+                f"{pretrained}: model.pretrained not found. It is loaded before the checkpoint, for the parts "
+                f"the checkpoint may lack (a frozen encoder); if {checkpoint} holds them all, add "
+                f"--options model.pretrained=null")
     else:
         if cfg.model.get("finetuned"):
             return None

@@ -13,6 +13,7 @@ import torch
 import trimesh
 import yaml
 from lavis.common.registry import registry
+from lavis.models import load_model
 from PIL import Image
 
 import lavis_point  # noqa: F401
@@ -244,14 +245,36 @@ def test_the_default_checkpoint_is_the_main_jobs_under_the_run_dir(tmp_path, mon
 
 def test_an_earlier_stage_alone_is_not_weights_and_a_given_checkpoint_replaces_the_configs(tmp_path):
     """``model.pretrained`` (stage 1 for point_opt) leaves stage 2 random: it is not enough. A checkpoint
-    given by hand is the weights: the config's files are neither loaded first nor needed."""
+    given by hand replaces the config's ``finetuned`` (not loaded first, not needed); ``pretrained``
+    stays, loaded first for what the checkpoint lacks, so its file must exist."""
     with pytest.raises(MissingWeightsError, match="no weights for point_opt"):
         resolve_checkpoint(model_config("point_opt", options=["model.pretrained=stage1.pth"]), cfg_path="x.yaml")
-    given = tmp_path / "mine.pth"
+    given, stage1 = tmp_path / "mine.pth", tmp_path / "stage1.pth"
     given.write_bytes(b"")
-    cfg = model_config("point_opt", options=["model.finetuned=elsewhere/nope.pth", "model.pretrained=nope1.pth"])
-    assert resolve_checkpoint(cfg, str(given)) == str(given)
-    assert cfg.model.finetuned is None and cfg.model.pretrained is None
+    cfg = model_config("point_opt", options=["model.finetuned=elsewhere/nope.pth"])
+    assert resolve_checkpoint(cfg, str(given)) == str(given) and cfg.model.finetuned is None
+    cfg = model_config("point_opt", options=[f"model.pretrained={stage1}"])
+    with pytest.raises(MissingWeightsError, match="stage1.pth: model.pretrained not found.*model.pretrained=null"):
+        resolve_checkpoint(cfg, str(given))
+    stage1.write_bytes(b"")
+    assert resolve_checkpoint(cfg, str(given)) == str(given) and cfg.model.pretrained == str(stage1)
+
+
+def test_a_given_checkpoint_without_the_frozen_encoder_takes_it_from_model_pretrained(tmp_path):
+    """What the README's "our run checkpoints" row says: stage 2 saved without its frozen encoder,
+    loaded with --checkpoint and model.pretrained=<stage 1>, has stage 1's encoder."""
+    stage1 = load_model("point_qformer", "pretrain_tiny")
+    with torch.no_grad():
+        for p in stage1.point_encoder.parameters():
+            p.add_(1.0)  # unlike any fresh initialisation
+    torch.save({"model": stage1.state_dict()}, tmp_path / "stage1.pth")
+    stage2 = load_model("point_opt", "caption_tiny")
+    trainable = {k: v for k, v in stage2.state_dict().items() if not k.startswith("point_encoder.")}
+    torch.save({"model": trainable}, tmp_path / "stage2.pth")  # as projects/embedded/stage2.yaml trains it
+    model, _ = load_point_model("point_opt", checkpoint=str(tmp_path / "stage2.pth"),
+                                options=[f"model.pretrained={tmp_path / 'stage1.pth'}", "model.freeze_encoder=true"])
+    for name, value in stage1.point_encoder.state_dict().items():
+        assert torch.equal(model.point_encoder.state_dict()[name], value), name
 
 
 @pytest.mark.parametrize("argv,message", [
