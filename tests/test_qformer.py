@@ -84,6 +84,19 @@ def test_lm_decoder_is_the_word_embeddings_as_in_blip2_even_after_growing_the_vo
     assert len(list(q.parameters())) < len(list(q.named_parameters(remove_duplicate=False)))  # counted once
 
 
+def test_growing_the_vocabulary_keeps_an_untied_decoders_trained_rows():
+    q = QFormer(**{**SMALL, "tie_word_embeddings": False})
+    with torch.no_grad():
+        q.cls.predictions.decoder.weight.add_(1.0)  # trained apart from the embeddings
+    decoder, embeddings = q.cls.predictions.decoder.weight.clone(), q.bert.embeddings.word_embeddings.weight.clone()
+    q.resize_token_embeddings(SMALL["vocab_size"] + 1)
+    n = SMALL["vocab_size"]
+    assert torch.equal(q.cls.predictions.decoder.weight[:n], decoder)
+    assert torch.allclose(q.cls.predictions.decoder.weight[n], decoder.mean(0))
+    assert torch.equal(q.bert.embeddings.word_embeddings.weight[:n], embeddings)
+    assert q.cls.predictions.decoder.weight is not q.bert.embeddings.word_embeddings.weight
+
+
 def test_a_checkpoint_whose_tied_tensors_differ_is_refused_naming_the_file():
     from lavis_point.models.checkpoint import CheckpointError, load_state_dict_checked
     q = QFormer(**SMALL)

@@ -243,7 +243,7 @@ class QFormer(nn.Module):
 
     def resize_token_embeddings(self, vocab_size):
         """Grow the vocabulary (e.g. BERT's 30522 + [DEC]); new rows start at the mean embedding (and a
-        zero LM-head bias)."""
+        zero LM-head bias). An untied LM decoder keeps its own rows, its new ones at its mean."""
         old = self.bert.embeddings.word_embeddings
         if vocab_size == old.num_embeddings:
             return
@@ -261,7 +261,12 @@ class QFormer(nn.Module):
                 strict=False,
             )
             with torch.no_grad():
-                head.decoder.weight.copy_(new.weight)
+                if self.cfg["tie_word_embeddings"]:
+                    head.decoder.weight.copy_(new.weight)  # tie_weights() below makes them one
+                else:
+                    trained = self.cls.predictions.decoder.weight
+                    head.decoder.weight[:n] = trained[:n]
+                    head.decoder.weight[n:] = trained[:n].mean(0)
                 head.decoder.bias.zero_()
                 head.decoder.bias[:n] = self.cls.predictions.decoder.bias[:n]
             self.cls.predictions = head
