@@ -102,6 +102,28 @@ def test_matching_head_reranks_the_top_k_and_cannot_promote_what_lies_outside():
     assert reranked["point_to_text_r1_chance"] == pytest.approx(1 / 3)
 
 
+def test_unreadable_clouds_are_dropped_with_their_captions_and_counted():
+    """cloud1 and cloud3 cannot be read (cloud3 alone in its batch): retrieval runs over cloud0 and
+    cloud2 and their captions, and says how many it skipped; a cloud nobody evaluated is still an error."""
+    sim = np.eye(4) + 0.1
+    data = CaptionSet({f"cloud{i}": [str(i)] for i in range(4)})
+
+    def loader(cloud3_reported=True):
+        return [{"point": torch.tensor([0.0, 2.0])[:, None, None].expand(2, 4, 6),
+                 "instance_id": ["cloud0", "cloud2"], "skipped": ["item 1 (id 'cloud1', c1.npy): NaN"]},
+                {"skipped": ["item 3 (id 'cloud3', c3.pkl): truncated"] if cloud3_reported else []}]
+
+    task = PointRetrievalTask(k_test=2)
+    task.before_evaluation(None, data)
+    metrics = task.evaluation(FakeStage1(sim, np.zeros((4, 4))), loader())
+    assert (metrics["num_points"], metrics["num_texts"], metrics["num_skipped"]) == (2, 2, 2)
+    assert metrics["point_to_text_r1"] == metrics["text_to_point_r1"] == 1.0
+    assert metrics["point_to_text_r1_chance"] == pytest.approx(1 / 2)  # among the 2 left, not 4
+    # cloud3 neither read nor reported: a bug, not a bad file
+    with pytest.raises(RuntimeError, match="2 clouds of the split were not evaluated by any rank, 1 of them"):
+        task.evaluation(FakeStage1(sim, np.zeros((4, 4))), loader(cloud3_reported=False))
+
+
 def test_collectives_run_on_this_rank_gpu_under_nccl_and_on_cpu_under_gloo(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # what init_distributed set
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")

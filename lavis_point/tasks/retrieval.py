@@ -10,7 +10,8 @@ Under torchrun each rank encodes its share of the clouds; the small projected fe
 so every rank holds the full similarity matrix, while the large point tokens the matching head needs
 stay on the rank that owns the cloud: a rank re-scores the (cloud, caption) pairs of its own clouds,
 both directions, and one all-reduce merges them. A cloud the sampler repeated to pad a rank's batch is
-owned by one rank only, so every cloud and caption counts once.
+owned by one rank only, so every cloud and caption counts once. A cloud that cannot be read is
+dropped with its captions and counted (``num_skipped``), as the other tasks drop bad items.
 
 Positives: a cloud's own captions, or with ``run.match_by: [shape, color, size]`` every caption of a
 cloud with the same attributes (the embedded set repeats attribute combinations across clouds, so
@@ -26,17 +27,18 @@ from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized, is_
 from lavis.common.registry import registry
 from lavis.datasets.data_utils import prepare_sample
 
-from lavis_point.tasks.base import PointBaseTask, collective_device, model_device
+from lavis_point.tasks.base import PointBaseTask, collective_device, model_device, report_skipped
 from lavis_point.tasks.eval_io import all_gather_objects, write_metrics
 from lavis_point.tasks.ranking_metrics import chance_recall_at_k, recall_at_k
 
 KS = (1, 5, 10)
 
 
-def retrieval_pairs(dataset, match_by=None):
-    """(cloud ids, captions, positives point -> text, positives text -> point)."""
+def retrieval_pairs(dataset, match_by=None, keep=None):
+    """(cloud ids, captions, positives point -> text, positives text -> point); with ``keep`` (ids),
+    only those clouds and their captions (the others' clouds could not be read)."""
     references = dataset.references  # id -> captions, in annotation order
-    ids = list(references)
+    ids = [i for i in references if keep is None or i in keep]
     texts, text_cloud = [], []
     for i, cloud_id in enumerate(ids):
         texts += references[cloud_id]
@@ -77,28 +79,35 @@ class PointRetrievalTask(PointBaseTask):
 
     def evaluation(self, model, data_loader, cuda_enabled=None):
         device = model_device(model)
-        ids, texts, pos_p2t, pos_t2p = retrieval_pairs(self.dataset, self.match_by)
-        index_of = {cloud_id: i for i, cloud_id in enumerate(ids)}
-
         # This rank's clouds: features for everyone, point tokens kept here for the matching head.
-        local_index, local_feats, local_tokens = [], [], []
+        # A cloud that cannot be read is dropped with its captions, counted (num_skipped).
+        local_ids, local_feats, local_tokens, failures = [], [], [], []
         for samples in data_loader:
+            failures.extend(samples.pop("skipped", ()))
+            if not samples:  # every cloud of this batch was bad
+                continue
             samples = prepare_sample(samples, cuda_enabled=device.type == "cuda")
             _, tokens, feats = model.encode_points(samples["point"])
-            local_index += [index_of[i] for i in samples["instance_id"]]
+            local_ids += list(samples["instance_id"])
             local_feats.append(feats.cpu())
             local_tokens.append(tokens)
-        local_feats, local_tokens = torch.cat(local_feats), torch.cat(local_tokens)
+        self.skipped_in_evaluation = report_skipped(failures, "evaluation", distinct=True)
+        local_tokens = torch.cat(local_tokens) if local_tokens else None
 
-        point_feats, owner, owner_row = torch.empty(len(ids), *local_feats.shape[1:]), {}, {}
-        for rank, (index, feats) in enumerate(all_gather_objects((local_index, local_feats))):
-            for row, i in enumerate(index):
-                if i not in owner:
-                    owner[i], owner_row[i] = rank, row
-                    point_feats[i] = feats[row]
-        missing = len(ids) - len(owner)
-        if missing:
-            raise RuntimeError(f"{missing} clouds of the split were not evaluated by any rank")
+        feats_of, owner, owner_row = {}, {}, {}  # cloud id -> its features, rank, row there
+        for rank, (cloud_ids, feats) in enumerate(all_gather_objects((local_ids, local_feats))):
+            for row, (cloud_id, f) in enumerate(zip(cloud_ids, torch.cat(feats) if feats else ())):
+                if cloud_id not in owner:
+                    feats_of[cloud_id], owner[cloud_id], owner_row[cloud_id] = f, rank, row
+        ids, texts, pos_p2t, pos_t2p = retrieval_pairs(self.dataset, self.match_by, keep=owner)
+        missing = len(self.dataset.references) - len(ids)
+        if missing != self.skipped_in_evaluation:
+            raise RuntimeError(f"{missing} clouds of the split were not evaluated by any rank, "
+                               f"{self.skipped_in_evaluation} of them unreadable")
+        if not ids:
+            raise RuntimeError(f"no cloud of the split could be read ({missing} unreadable; see the warnings)")
+        point_feats = torch.stack([feats_of[c] for c in ids])
+        owner, owner_row = [owner[c] for c in ids], [owner_row[c] for c in ids]
 
         # Every rank encodes all captions (cheap next to the clouds) and so holds the full matrix.
         # Identical captions (templated sets repeat them) are scored once and share a column.
@@ -132,7 +141,8 @@ class PointRetrievalTask(PointBaseTask):
 
         if not is_main_process():
             return None
-        metrics = {"num_points": len(ids), "num_texts": len(texts), "k_test": self.k_test}
+        metrics = {"num_points": len(ids), "num_texts": len(texts), "k_test": self.k_test,
+                   "num_skipped": self.skipped_in_evaluation}
         for name, scores, itc, positives, candidates in (
                 ("point_to_text", p2t, sim, pos_p2t, len(texts)),
                 ("text_to_point", t2p, sim.t(), pos_t2p, len(ids))):
