@@ -1,6 +1,6 @@
 """Short-answer metrics for point QA: answers are normalised as in the VQA evaluation (lower case,
-punctuation and articles dropped, number words as digits; a point between digits is kept as a
-decimal point, a comma between digits dropped: "1,000" is "1000"), then compared.
+punctuation and articles dropped, number words as digits; a point before a digit is kept as a
+decimal point (".5" is not "5"), a comma between digits dropped: "1,000" is "1000"), then compared.
 
 ``exact_match``: the prediction equals one of the reference answers.
 ``vqa_accuracy``: min(1, matches / min(3, #references)): the VQA rule (an answer is fully right when
@@ -15,7 +15,7 @@ _ARTICLES = {"a", "an", "the"}
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
             "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
-_PERIOD = re.compile(r"(?<!\d)\.|\.(?!\d)")  # a full stop ("4." too), not a decimal point ("3.5")
+_PERIOD = re.compile(r"\.(?!\d)")  # a full stop ("4." too), not a decimal point ("3.5", ".5")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d)")  # "1,000" is 1000, not two words
 
 
