@@ -89,6 +89,7 @@ def test_float64_beyond_float32_range_is_refused_not_made_infinite(n, num_points
 def numpy_as_cloud(array):
     """What ``as_cloud`` computed before it was compiled, in numpy (about 400 us per 8192-point cloud,
     more than reading its file): the reference the compiled version must equal bit for bit."""
+    integers = np.asarray(array).dtype.kind in "iu"
     a = np.asarray(array).astype(np.float32)
     bad = ~np.isfinite(a).all(axis=1)
     if bad.any():
@@ -96,7 +97,7 @@ def numpy_as_cloud(array):
     if a.shape[1] == 3:
         return np.concatenate([a, np.ones_like(a)], axis=1)
     rgb = a[:, 3:]
-    if rgb.max() > 1.0:
+    if integers or rgb.max() > 1.5:  # the 0-255 rule (RGB_255_ABOVE) the numpy version was given since
         rgb = rgb / 255.0
     return np.concatenate([a[:, :3], np.clip(rgb, 0.0, 1.0)], axis=1)
 

@@ -228,3 +228,39 @@ def test_statistics_that_do_not_fit_the_clouds_are_refused():
     with pytest.raises(ValueError, match=r"statistics: expected \(6, 5\) float64"):
         PointEvalProcessor.from_config({"num_points": shard.shape[1]}).batch_from(
             [(shard, [0], [0], cloud_statistics(shard)[:5])], 1)
+
+
+def test_colour_a_little_over_one_is_clipped_not_read_as_0_255():
+    """One value of 1.004 (0-1 colour that overshoots) must not divide the whole cloud by 255."""
+    from lavis_point.data_io import as_cloud
+
+    c = cloud(4096)
+    c[:, 3:] = 0.2 + 0.7 * c[:, 3:]
+    c[17, 5] = 1.004
+    assert np.allclose(as_cloud(c)[:, 3:], np.clip(c[:, 3:], 0, 1), atol=1e-6)
+    for num_points in (4096, 1024):  # the kernel on the whole cloud, and on a sample of it
+        out = PointEvalProcessor.from_config({"num_points": num_points, "normalize": False})(c)
+        assert out[:, 3:].mean() > 0  # coloured, not black (-1)
+
+
+def test_integer_colours_are_0_255_however_dark():
+    """A uint8 cloud whose colours are all 0 or 1 is near-black, not white."""
+    from lavis_point.data_io import as_cloud
+
+    c = np.concatenate([np.round(cloud(100)[:, :3]), np.random.default_rng(0).integers(0, 2, (100, 3))], axis=1)
+    assert np.array_equal(as_cloud(c.astype(np.uint8))[:, 3:], (c[:, 3:] / 255.0).astype(np.float32))
+    out = PointEvalProcessor.from_config({"num_points": 100})(c.astype(np.uint8))
+    assert out[:, 3:].max() < -0.99
+
+
+def test_the_colour_range_is_the_whole_clouds_not_its_samples():
+    """A 0-255 cloud, dark but for one bright point: every epoch's sample of 1024 of its 4096 points,
+    with or without that point, reads as 0-255 (near black), never as 0-1 (white)."""
+    c = cloud(4096)
+    c[:, 3:] = 1.0
+    c[123, 3:] = 200.0
+    processor = PointTrainProcessor.from_config({"num_points": 1024, "scale": None, "shift": 0.0, "rotate": False})
+    np.random.seed(0)
+    for _ in range(8):
+        rgb = processor(c)[:, 3:]
+        assert rgb.min() < -0.99 and rgb.max() <= 2 * 200 / 255 - 1 + 1e-6

@@ -28,6 +28,12 @@ CLOUD_EXTS = PICKLE_EXTS + (".npy", ".npz") + TEXT_EXTS + MESH_EXTS
 NPZ_KEYS = ("points", "point", "cloud", "pc")
 
 
+# rgb is 0-255 when stored as integers, or when its largest value exceeds this. A little over 1 is 0-1
+# colour that overshoots (interpolation, rounding) and is clipped: with a cut at 1 one such value made
+# the whole cloud black. A 0-255 cloud with nothing above 1.5 is black either way.
+RGB_255_ABOVE = 1.5
+
+
 class PointCloudError(ValueError):
     """A cloud that cannot be used; the message says what is wrong."""
 
@@ -57,10 +63,11 @@ def check_cloud(array) -> np.ndarray:
 
 def as_cloud(array) -> np.ndarray:
     """Validate and convert to float32 (N, 6): xyz, then rgb in [0, 1] (white when there is none;
-    rgb stored as 0-255 is recognised by its maximum)."""
+    rgb stored as 0-255 is recognised by its integer dtype or its maximum, see ``RGB_255_ABOVE``)."""
+    integers = np.asarray(array).dtype.kind in "iu"
     a = check_cloud(array)
     out = np.empty((len(a), 6), np.float32)
-    _with_colour(a, out)
+    _with_colour(a, out, integers)
     return out
 
 
@@ -68,9 +75,10 @@ def as_cloud(array) -> np.ndarray:
 # of 3 or 6 values each, about 100 us per ufunc for an 8192-point cloud, which made validating a
 # cloud cost more than reading it.
 @numba.njit(cache=True, nogil=True)
-def _with_colour(a, out):
-    """out = a's xyz and rgb in [0, 1]: a's rgb divided by 255 when its largest value exceeds 1, then
-    clipped (float32, as numpy computes ``rgb / 255.0`` and ``np.clip``), or white when a is (N, 3)."""
+def _with_colour(a, out, integers):
+    """out = a's xyz and rgb in [0, 1]: a's rgb divided by 255 when it was stored as ``integers`` or its
+    largest value exceeds ``RGB_255_ABOVE``, then clipped (float32, as numpy computes ``rgb / 255.0`` and
+    ``np.clip``), or white when a is (N, 3)."""
     n, width = a.shape
     lo, hi = np.float32(0), np.float32(1)
     if width == 3:
@@ -81,7 +89,7 @@ def _with_colour(a, out):
     r, g, b = a[0, 3], a[0, 4], a[0, 5]  # one running maximum per channel: the loop vectorises
     for i in range(n):
         r, g, b = max(r, a[i, 3]), max(g, a[i, 4]), max(b, a[i, 5])
-    if max(r, g, b) > 1:  # two loops, so that 0-1 colours skip the (slow) division
+    if integers or max(r, g, b) > RGB_255_ABOVE:  # two loops, so that 0-1 colours skip the (slow) division
         div = np.float32(255)
         for i in range(n):
             out[i, 0], out[i, 1], out[i, 2] = a[i, 0], a[i, 1], a[i, 2]

@@ -27,7 +27,7 @@ from llvmlite import ir as llvm_ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from lavis_point.data_io.clouds import PointCloudError, as_cloud  # noqa: F401  (PointCloudError: re-exported)
+from lavis_point.data_io.clouds import RGB_255_ABOVE, PointCloudError, as_cloud  # noqa: F401  (re-exported)
 
 
 def resample_index(n: int, num_points: int, rng) -> np.ndarray:
@@ -199,7 +199,7 @@ def _transform(x, rows, dest, start, normalize, matrix, offset, out, sums):
     """Cloud x[rows[j]] -> out[dest[j]] for each j; x (M, N, 6) float32, or float16 as its uint16 bits
     (read straight from a memory-mapped shard: no copy, no conversion pass), out (B, N, 6) float32.
     xyz centred and scaled to the unit sphere (if ``normalize``), then @ matrix[b] + offset[b]; rgb
-    (0-255 when its maximum exceeds 1) clipped to [0, 1] and mapped to [-1, 1]; rows rolled so that
+    (0-255 when its maximum exceeds RGB_255_ABOVE) clipped to [0, 1] and mapped to [-1, 1]; rows rolled so that
     out[b, 0] is the cloud's row start[b]. sums (B, 6) float64: each channel's sum (non-finite = bad
     cloud). Three passes per cloud, for clouds whose statistics are not known (``_transform_known``):
     the first reads the source into out while summing, the second finds the radius, the third
@@ -222,7 +222,7 @@ def _transform(x, rows, dest, start, normalize, matrix, offset, out, sums):
             if r2 > 0:
                 inv = 1.0 / math.sqrt(r2)
         a, t = _affine(matrix[b], offset[b], inv)
-        colour = np.float32(1) / np.float32(255) if peak > 1 else np.float32(1)  # rgb stored as 0-255, or 0-1
+        colour = np.float32(1) / np.float32(255) if peak > RGB_255_ABOVE else np.float32(1)  # rgb 0-255, or 0-1
         _map_in_place(dst, mx, my, mz, a, t, colour)
 
 
@@ -264,12 +264,12 @@ def _statistics(x, stats):
         mx, my, mz = sums[0] / n, sums[1] / n, sums[2] / n
         stats[j, 0], stats[j, 1], stats[j, 2] = mx, my, mz
         stats[j, 3] = math.sqrt(_radius2(y, mx, my, mz))
-        stats[j, 4] = 1.0 if peak > 1 else 0.0
+        stats[j, 4] = 1.0 if peak > RGB_255_ABOVE else 0.0
 
 
 def cloud_statistics(clouds) -> np.ndarray:
     """(n, P, 6) float16 clouds -> (n, 5) float64: each cloud's xyz centre (the mean), its radius about
-    that centre and 1.0 if its rgb is 0-255 (peak > 1) else 0.0 (columns: ``STATISTICS``), computed by
+    that centre and 1.0 if its rgb is 0-255 (peak > RGB_255_ABOVE) else 0.0 (columns: ``STATISTICS``), computed by
     the kernel's own passes from the float16 values as stored, so that ``_transform_known`` gives what
     ``_transform`` gives. The float64 channel sums of at most 8192 float16 values are exact in any
     order, so a cloud rolled to another start row has the same centre."""
@@ -361,8 +361,15 @@ class PointProcessor(BaseProcessor):
         target, sums, finite = out.numpy(), np.empty((count, 6)), np.empty(count, bool)
         for clouds, rows, positions, stats in parts:
             if draws["rows"] is not None:  # resampled first, so the kernel's sums do not see every point
-                finite[positions] = np.isfinite(clouds[rows]).all(axis=(1, 2))
+                full = clouds[rows]
+                finite[positions] = np.isfinite(full).all(axis=(1, 2))
                 clouds, rows, stats = clouds[rows[:, None], draws["rows"][positions]], np.arange(len(rows)), None
+                # The colour range is the whole cloud's, not its sample's (which may miss the one bright
+                # point): 0-255 clouds are brought to 0-1 here as the kernel would (times 1/255).
+                wide = full[..., 3:].max(axis=(1, 2)) > RGB_255_ABOVE
+                if wide.any():
+                    clouds = clouds.astype(np.float32)
+                    clouds[wide, :, 3:] *= np.float32(1) / np.float32(255)
             args = (clouds.view(np.uint16) if clouds.dtype == np.float16 else clouds, rows, positions, start,
                     self.normalize, draws["matrix"], draws["offset"], target, sums)
             if stats is None or clouds.dtype != np.float16:  # float32 may overflow the one pass's float32
