@@ -59,8 +59,25 @@ def test_match_by_gives_alike_items_one_match_id_through_the_batched_path(tmp_pa
     ids = batch["match_id"].tolist()
     assert len(set(keys)) < len(keys)  # some items are alike, so the check below means something
     assert all((ids[i] == ids[j]) == (keys[i] == keys[j]) for i in range(len(keys)) for j in range(len(keys)))
-    del cfg.match_by  # without it, items carry no match id (stage 1 then pairs each item with itself)
-    assert "match_id" not in registry.get_builder_class("shapes_point_caption")(cfg).build_datasets()["train"][0]
+    del cfg.match_by  # without it, items are alike only when they are the same object
+    plain = registry.get_builder_class("shapes_point_caption")(cfg).build_datasets()["train"]
+    ids = plain.collater(plain.__getitems__(list(range(len(plain)))))["match_id"].tolist()
+    assert len(set(ids)) == len({a["id"] for a in plain.annotations}) == len(plain)
+
+
+def test_match_ids_agree_across_datasets_only_where_the_values_do():
+    """Two datasets concatenated for stage 1: per-dataset numbering gave "a small red cube" of one and
+    "a large blue sphere" of the other the same id, so they became positives."""
+    from lavis_point.datasets.point_caption import PointCaptionDataset
+
+    def dataset(anns):
+        d = PointCaptionDataset(None, anns, None, None, True)
+        d.set_match_by(["shape", "color"])
+        return d.match_ids
+
+    a = dataset([{"id": "a0", "shape": "cube", "color": "red"}, {"id": "a1", "shape": "cone", "color": "red"}])
+    b = dataset([{"id": "b0", "shape": "sphere", "color": "blue"}, {"id": "b1", "shape": "cube", "color": "red"}])
+    assert a[0] != b[0] and a[0] == b[1] and len({*a, *b}) == 3
 
 
 def test_match_by_names_the_annotation_file_and_the_missing_field(tmp_path):

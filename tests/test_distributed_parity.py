@@ -188,3 +188,37 @@ def test_alike_items_on_different_ranks_are_positives_as_in_one_process(two_proc
     # The ids move the loss ten times further than parity's tolerance, so parity below tests them.
     assert abs(losses["loss_itc"] - plain["loss_itc"]) > 10 * 1e-5 * plain["loss_itc"]
     assert_parity(two_processes, "match_ids", losses, g)
+
+
+def _step_with_ids_on_one_rank(rank, init_file, out):
+    import datetime
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=30))  # the old code hung on a gather
+        points, captions = batch()
+        mine = slice(rank * B, (rank + 1) * B)
+        # LAVIS's ConcatDataset drops a key some items of a batch lack: one rank's batch may have it
+        ids = MATCH_IDS[mine] if rank == 0 else None
+        losses = one_step(DistributedDataParallel(model_for("match_ids")), points[mine], captions[mine], ids)
+        torch.save(losses, out)
+        dist.destroy_process_group()
+    except BaseException:
+        open(f"{out}.error", "w").write(traceback.format_exc())
+        raise
+
+
+def test_a_step_where_only_one_rank_has_match_ids_runs_the_same_collectives_on_both(tmp_path):
+    trained_state()
+    ctx = multiprocessing.get_context("fork")
+    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    procs = [ctx.Process(target=_step_with_ids_on_one_rank, args=(r, tmp_path / "init", outs[r])) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    errors = [open(f"{o}.error").read() for o in outs if (tmp_path / f"{o.name}.error").exists()]
+    assert all(p.exitcode == 0 for p in procs), errors
+    for out in outs:
+        losses = torch.load(out, weights_only=True)
+        assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())

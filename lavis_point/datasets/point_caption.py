@@ -4,6 +4,7 @@
 
 A bad sample (unreadable cloud, no usable caption) is skipped and counted, never a crash mid-epoch:
 see bad_samples.py."""
+import hashlib
 import json
 
 import numpy as np
@@ -54,9 +55,20 @@ def usable(caption) -> bool:
     return True
 
 
+def match_key(kind, values) -> int:
+    """The ``match_id`` of items alike by ``kind`` (an annotation field list, or "id") with these
+    values: a 63-bit hash, the same in every process and every dataset, so that items of concatenated
+    datasets are alike exactly when their values are (numbering per dataset made unrelated items of
+    two datasets share an id)."""
+    text = json.dumps([kind, values], default=str)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
 class PointCaptionDataset(Dataset):
-    """Items: {"point": (P', 6) tensor, "text_input": caption, "instance_id": id}, and "match_id" (an
-    int) after ``set_match_by``.
+    """Items: {"point": (P', 6) tensor, "text_input": caption, "instance_id": id, "match_id": int}.
+    ``match_id`` says which items describe the same thing: the same object id, or after
+    ``set_match_by`` the same annotation fields. Every item carries it, so that LAVIS's ConcatDataset
+    (which keeps only the keys all items of a batch have) never drops it from some batches only.
 
     Training draws one of an entry's ``captions`` at random (or its ``caption``); evaluation uses the
     first. ``references`` gives every caption per id for caption metrics; ``vocabularies`` (set by
@@ -74,17 +86,16 @@ class PointCaptionDataset(Dataset):
 
     def set_match_by(self, fields, name="dataset"):
         """Items whose annotations agree on ``fields`` describe the same thing (the embedded set's
-        captions say only shape, colour and size): each item carries ``match_id``, one int per
-        distinct value, numbered in annotation order so every rank numbers alike. Stage 1 counts such
-        pairs as positives in its contrastive loss and never draws them as matching negatives.
-        ``name``: the dataset, for the error when an annotation lacks a field."""
-        codes, ids = {}, []
+        captions say only shape, colour and size): each item's ``match_id`` is ``match_key`` of those
+        fields' values. Stage 1 counts such pairs as positives in its contrastive loss and never draws
+        them as matching negatives. ``name``: the dataset, for the error when an annotation lacks a field."""
+        fields, ids = list(fields), []
         for k, ann in enumerate(self.annotations):
             missing = [f for f in fields if f not in ann]
             if missing:
-                raise ValueError(f"{name}: match_by {list(fields)}: annotation {k} (id {ann.get('id')!r}) "
+                raise ValueError(f"{name}: match_by {fields}: annotation {k} (id {ann.get('id')!r}) "
                                  f"has no {missing}")
-            ids.append(codes.setdefault(tuple(ann[f] for f in fields), len(codes)))
+            ids.append(match_key(fields, [ann[f] for f in fields]))
         self.match_ids = ids
 
     def __len__(self):
@@ -125,9 +136,8 @@ class PointCaptionDataset(Dataset):
         caption = self.caption_of(ann)
         if point is None:
             point = self.vis_processor(np.asarray(self.cloud_of(ann)))  # float16 rows: the processor converts
-        item = {"point": point, "text_input": caption, "instance_id": ann["id"]}
-        if self.match_ids is not None:
-            item["match_id"] = self.match_ids[i]
+        item = {"point": point, "text_input": caption, "instance_id": ann["id"],
+                "match_id": match_key("id", ann["id"]) if self.match_ids is None else self.match_ids[i]}
         if self.prompt is not None:
             item["prompt"] = self.prompt
         return item

@@ -77,8 +77,10 @@ def sample_hard_negatives(sim, same):
         raise ValueError(f"the matching (ITM) loss draws each item's negative from the other items of its "
                          f"rank's batch, so it needs at least 2 per rank, got {sim.shape[0]}: "
                          f"set run.batch_size_train to 2 or more")
-    weights = torch.softmax(sim.float(), dim=1).masked_fill(same, 0)
-    empty = weights.sum(1) == 0
+    # Positives masked before the softmax, as BLIP-2 does: masked after, a positive far above the
+    # negatives (a low temperature) left them all 0 and the fallback below could draw a positive.
+    weights = torch.softmax(sim.float().masked_fill(same, -torch.inf), dim=1).nan_to_num(0.0)
+    empty = same.all(1)
     if empty.any():
         weights[empty] = (~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device))[empty].float()
     return torch.multinomial(weights, 1).squeeze(1)

@@ -126,6 +126,20 @@ class PointQFormer(PointQueryModel):
         return self.itm_head(hidden[:, : queries.shape[1]]).mean(dim=1)
 
     # ---- training ----
+    def positives(self, match_id, batch, rank):
+        """(B, world * B) bool: this rank's items against every rank's, True for the same item or for
+        two items with the same ``match_id`` (datasets' ``match_by``). The ids are gathered whether or
+        not this batch has them, so every rank runs the same collectives (a rank whose batch lacked the
+        key skipped the gather and the others waited on it forever)."""
+        known = torch.full((batch,), match_id is not None, device=self.device)
+        ids = torch.zeros(batch, dtype=torch.long, device=self.device) if match_id is None \
+            else torch.as_tensor(match_id, dtype=torch.long, device=self.device)
+        every = gather(torch.stack([known.long(), ids], dim=1))  # (world * B, 2)
+        positives = known[:, None] & every[None, :, 0].bool() & (ids[:, None] == every[None, :, 1])
+        own = torch.arange(batch, device=self.device)
+        positives[own, rank * batch + own] = True
+        return positives
+
     def forward(self, samples):
         texts = samples["text_input"]
         point_tokens = self.encode_point_tokens(samples["point"])
@@ -141,16 +155,12 @@ class PointQFormer(PointQueryModel):
         sim_p2t, sim_t2p = contrastive_similarities(point_feats, text_feat, self.temp, all_text)
         rank, _ = world()
         local = slice(rank * batch, (rank + 1) * batch)
-        positives = None  # items that describe the same thing (a dataset's match_by): positives for ITC
-        if samples.get("match_id") is not None:
-            match = torch.as_tensor(samples["match_id"], device=self.device)
-            positives = match[:, None] == gather(match)[None, :]
+        positives = self.positives(samples.get("match_id"), batch, rank)
         loss_itc = contrastive_loss(sim_p2t, sim_t2p, positives=positives)
 
         # ITM: negatives come from this rank's batch; identical captions and alike items are never negatives.
         same = torch.tensor([[a == b for b in texts] for a in texts], device=self.device)
-        if positives is not None:
-            same |= positives[:, local]
+        same |= positives[:, local]
         neg_text = sample_hard_negatives(sim_p2t[:, local], same)
         neg_points = sample_hard_negatives(sim_t2p[:, local], same)
         ids = torch.cat([tokens.input_ids, tokens.input_ids[neg_text], tokens.input_ids])
