@@ -196,3 +196,42 @@ def test_nucleus_sampling_samples_instead_of_beam_sampling():
     torch.manual_seed(0)
     out = model.generate({"point": clouds()}, use_nucleus_sampling=True, num_beams=5, num_captions=3, max_length=3)
     assert len(out) == 6 and set(rows) == {6}
+
+
+def test_point_token_cache_forgets_tokens_of_weights_loaded_since():
+    model = small_stage2(freeze_encoder=True, point_token_cache_size=10).train()
+    pts = clouds()
+    old = model.token_cache.tokens(pts, model.point_encoder)
+    other = small_stage2(freeze_encoder=True)
+    model.point_encoder.load_state_dict(other.point_encoder.state_dict())  # a checkpoint, say
+    with torch.no_grad():
+        fresh = model.point_encoder.eval()(pts)
+    assert not torch.allclose(old, fresh)
+    assert torch.equal(model.token_cache.tokens(pts, model.point_encoder), fresh)
+
+
+def test_a_prompt_ending_in_a_newline_keeps_it_out_of_the_loss():
+    """Only one trailing space is the next word's; a newline is a token of the prompt."""
+    model = small_stage2()
+    tok = model.opt_tokenizer
+    for prompt in ("Question: what colour? Answer:\n", "a 3D point cloud of ", "Answer:\t"):
+        n = model.prompt_length(prompt)
+        ids = tok(prompt + "red").input_ids
+        assert ids[:n] == tok(prompt[:-1] if prompt.endswith(" ") else prompt).input_ids
+        assert tok.decode(ids[n:]).strip() == "red"
+
+
+def test_beam_answers_do_not_depend_on_the_other_questions_of_the_batch(monkeypatch):
+    """transformers divides a beam's score by its length, left padding included: one call per prompt
+    length, so that no answer is scored with another question's padding, and answers in batch order."""
+    model = trained().eval()
+    questions = ["what colour is it?", "what kind of object is this point cloud, and how large is it?"]
+    prompt = "Question: {} Answer: "
+    alone = [model.predict_answers({"point": clouds()[i:i + 1], "text_input": [q]}, prompt=prompt)[0]
+             for i, q in enumerate(questions)]
+    calls, generate = [], model.opt_model.generate
+    monkeypatch.setattr(model.opt_model, "generate", lambda **kw: calls.append(kw["attention_mask"]) or generate(**kw))
+    assert model.predict_answers({"point": clouds(), "text_input": questions}, prompt=prompt) == alone
+    assert len(calls) == 2 and all(bool(mask.all()) for mask in calls)  # no padding in any call
+    model.predict_answers({"point": clouds(), "text_input": questions}, prompt=prompt, num_beams=1)
+    assert len(calls) == 3  # greedy has no length term: one call

@@ -153,15 +153,22 @@ class PointTokenCache:
 
     With the encoder frozen (eval mode, no gradients) a cloud's tokens depend on its values alone, so a
     cloud that comes back unchanged, as every cloud does each epoch when training has no augmentation,
-    need not be encoded again. Keyed by content, the cache cannot serve a stale entry: an augmented
-    cloud simply misses. Holds at most ``capacity`` clouds (G x width floats each); later clouds are
-    encoded every time. Lives in memory only, per process; never in checkpoints.
+    need not be encoded again. Keyed by content, the cache serves no stale entry for a cloud (an
+    augmented cloud simply misses), and it empties itself when the encoder's weights change (new
+    tensors, or any written in place, as loading a checkpoint does: torch counts those writes). Holds
+    at most ``capacity`` clouds (G x width floats each); later clouds are encoded every time. Lives in
+    memory only, per process; never in checkpoints.
     """
 
     def __init__(self, capacity=0):
         self.capacity, self.entries, self.hits, self.misses = int(capacity or 0), {}, 0, 0
+        self.weights = None
 
     def tokens(self, points, encoder):
+        weights = [(id(t), t._version) for t in (*encoder.parameters(), *encoder.buffers())]
+        if weights != self.weights:
+            self.entries.clear()
+            self.weights = weights
         keys = [hashlib.blake2b(cloud.numpy().tobytes(), digest_size=16).digest()
                 for cloud in points.detach().cpu().contiguous()]
         missing = [i for i, key in enumerate(keys) if key not in self.entries]

@@ -49,6 +49,13 @@ def resolve_asset(path):
     return asset_path(path[len("asset:"):]) if isinstance(path, str) and path.startswith("asset:") else path
 
 
+def without_joining_space(prompt):
+    """The prompt without one trailing space, which byte-level BPE joins to the next word (" a"); a
+    trailing newline or tab is a token of its own and stays (rstrip() dropped it, so training put
+    loss on it and generation left it out)."""
+    return prompt[:-1] if prompt.endswith(" ") else prompt
+
+
 @registry.register_model("point_opt")
 class PointOPT(PointQueryModel):
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -133,7 +140,7 @@ class PointOPT(PointQueryModel):
     def prompt_length(self, prompt):
         """Tokens of ``prompt`` inside ``prompt + text``. A trailing space is left out: byte-level BPE
         joins it to the next word (" a"), and counting it alone would mask a caption token."""
-        return len(self.opt_tokenizer(prompt.rstrip()).input_ids)
+        return len(self.opt_tokenizer(without_joining_space(prompt)).input_ids)
 
     @torch.no_grad()
     def generate(self, samples, use_nucleus_sampling=False, num_beams=5, max_length=30, min_length=1,
@@ -149,20 +156,32 @@ class PointOPT(PointQueryModel):
         prefix = self.prefix_embeds(samples["point"])
         batch = prefix.shape[0]
         prompt = prompt if prompt is not None else samples.get("prompt", self.prompt)
-        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
-        self.opt_tokenizer.padding_side = "left"  # generation continues right after each prompt
         # The prompt's trailing space belongs to the first generated word ("of" + " a"), as in training.
-        tokens = self.opt_tokenizer([p.rstrip() for p in prompts], return_tensors="pt", padding="longest")
-        tokens = tokens.to(self.device)
+        prompts = [without_joining_space(p) for p in ([prompt] * batch if isinstance(prompt, str) else prompt)]
+        options = dict(do_sample=use_nucleus_sampling, top_p=top_p, temperature=temperature, num_beams=num_beams,
+                       eos_token_id=self.end_token_id, pad_token_id=self.opt_tokenizer.pad_token_id,
+                       repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+                       num_return_sequences=num_captions, use_cache=use_cache)
+        groups = {}  # items by prompt length in tokens
+        for i, p in enumerate(prompts):
+            groups.setdefault(len(self.opt_tokenizer(p).input_ids) if num_beams > 1 else 0, []).append(i)
+        # Beam search divides a beam's score by its length, left padding included: prompts of unequal
+        # length in one call made an answer depend on the other questions of the batch. One call per
+        # prompt length (one call in all for captions, whose prompt is one).
+        texts = [None] * (batch * num_captions)
+        for items in groups.values():
+            out = self._generate(prefix[items], [prompts[i] for i in items], max_length, min_length, options)
+            for k, i in enumerate(items):
+                texts[i * num_captions:(i + 1) * num_captions] = out[k * num_captions:(k + 1) * num_captions]
+        return texts
+
+    def _generate(self, prefix, prompts, max_length, min_length, options):
+        self.opt_tokenizer.padding_side = "left"  # generation continues right after each prompt
+        tokens = self.opt_tokenizer(prompts, return_tensors="pt", padding="longest").to(self.device)
         prompt_len = tokens.input_ids.shape[1]
         outputs = self.opt_model.generate(
             input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, prefix_embeds=prefix,
-            do_sample=use_nucleus_sampling, top_p=top_p, temperature=temperature, num_beams=num_beams,
-            max_length=prompt_len + max_length, min_length=prompt_len + min_length,
-            eos_token_id=self.end_token_id, pad_token_id=self.opt_tokenizer.pad_token_id,
-            repetition_penalty=repetition_penalty, length_penalty=length_penalty,
-            num_return_sequences=num_captions, use_cache=use_cache,
-        )
+            max_length=prompt_len + max_length, min_length=prompt_len + min_length, **options)
         texts = self.opt_tokenizer.batch_decode(outputs[:, prompt_len:], skip_special_tokens=True)
         return [t.strip() for t in texts]
 
