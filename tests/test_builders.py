@@ -85,3 +85,19 @@ def test_match_by_names_the_annotation_file_and_the_missing_field(tmp_path):
     cfg.match_by = ["shape", "material"]
     with pytest.raises(ValueError, match=r"train\.jsonl: match_by \['shape', 'material'\]: annotation 0 .*'material'"):
         registry.get_builder_class("shapes_point_caption")(cfg).build_datasets()
+
+
+def test_caption_and_qa_builders_share_one_cache_folder(tmp_path):
+    """Stage 2 mixes both over the same clouds: with the same build_info they must find one folder
+    (named by the parameters) and the second must not rebuild it."""
+    cfg = config("shapes_point_caption", root=str(tmp_path), sizes=SIZES, num_points=2048)
+    registry.get_builder_class("shapes_point_caption")(cfg).build_datasets()
+    (folder,) = tmp_path.iterdir()
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    qa = config("shapes_point_qa", root=str(tmp_path), sizes=SIZES, num_points=2048, splits=["train"])
+    registry.get_builder_class("shapes_point_qa")(qa).build_datasets()
+    classes = config("shapes_point_classification", root=str(tmp_path), sizes=SIZES, num_points=2048,
+                     splits=["test"])
+    registry.get_builder_class("shapes_point_classification")(classes).build_datasets()
+    assert list(tmp_path.iterdir()) == [folder]
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before

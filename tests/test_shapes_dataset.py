@@ -134,8 +134,38 @@ def test_manifest_caching_and_rebuild(tmp_path):
 def test_ensure_uses_env_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LAVIS_POINT_CACHE", str(tmp_path))
     folder = S.ensure_embedded_dataset(num_points=64, sizes={"train": 8, "val": 8, "test": 8})
-    assert folder == os.path.join(str(tmp_path), "shapes_v1")
+    assert os.path.dirname(folder) == str(tmp_path)
+    assert re.fullmatch(r"shapes_v1_[0-9a-f]{8}", os.path.basename(folder))
     assert os.path.exists(os.path.join(folder, "manifest.json"))
+
+
+def stamps(folder):
+    return {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder)}
+
+
+def test_each_parameter_set_has_its_own_cache_folder(tmp_path):
+    """One shared folder was rebuilt in place by a run with other parameters (a smoke run made the
+    main job regenerate; two concurrent runs could read each other's half-written files)."""
+    small = {"train": 8, "test": 8}
+    main = S.ensure_embedded_dataset(str(tmp_path), num_points=64, sizes=small)
+    before = stamps(main)
+    others = [S.ensure_embedded_dataset(str(tmp_path), num_points=64, sizes={"train": 16, "test": 8}),
+              S.ensure_embedded_dataset(str(tmp_path), num_points=64, sizes=small, seed=1),
+              S.ensure_embedded_dataset(str(tmp_path), num_points=32, sizes=small),
+              S.ensure_embedded_dataset(str(tmp_path), num_points=64, sizes=small, num_refs=3)]
+    assert len({main, *others}) == 5
+    assert stamps(main) == before  # untouched by the other parameter sets
+    assert read_json(os.path.join(main, "manifest.json"))["params"]["sizes"] == small
+    # the same parameters, however spelled, find the same folder without rebuilding it
+    again = S.ensure_embedded_dataset(str(tmp_path), seed=np.int64(0), num_points=64.0,
+                                      sizes={"test": 8, "train": 8}, num_refs=5)
+    assert again == main and stamps(main) == before
+
+
+def test_cache_folder_name_is_stable():
+    """Renaming it would make every user regenerate the data (and leave the old copy behind)."""
+    assert S.embedded_folder("root") == os.path.join("root", "shapes_v1_0be22bbc")
+    assert S.embedded_folder("root", sizes=dict(S.DEFAULT_SPLIT_SIZES)) == S.embedded_folder("root")
 
 
 def test_sample_cloud_geometry():

@@ -249,14 +249,20 @@ def _build_split(root, split, n, seed, num_points, num_refs):
             "annotations_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
-def build_embedded_dataset(root, seed=0, num_points=8192, sizes=None, num_refs=5):
-    """Write {split}_points.npy / {split}.jsonl / manifest.json into root; skip if up to date."""
-    root, sizes = os.fspath(root), dict(DEFAULT_SPLIT_SIZES if sizes is None else sizes)
+def embedded_params(seed=0, num_points=8192, sizes=None, num_refs=5):
+    """The parameters that determine the data, in one canonical form (manifest and folder name)."""
+    sizes = dict(DEFAULT_SPLIT_SIZES if sizes is None else sizes)
     unknown = set(sizes) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown splits {sorted(unknown)}; expected a subset of {SPLITS}")
-    params = {"seed": int(seed), "num_points": int(num_points), "num_refs": int(num_refs),
-              "sizes": {k: int(v) for k, v in sorted(sizes.items())}}
+    return {"seed": int(seed), "num_points": int(num_points), "num_refs": int(num_refs),
+            "sizes": {k: int(v) for k, v in sorted(sizes.items())}}
+
+
+def build_embedded_dataset(root, seed=0, num_points=8192, sizes=None, num_refs=5):
+    """Write {split}_points.npy / {split}.jsonl / manifest.json into root; skip if up to date."""
+    root = os.fspath(root)
+    params = embedded_params(seed, num_points, sizes, num_refs)
     manifest_path = os.path.join(root, "manifest.json")
     try:
         with open(manifest_path, encoding="utf-8") as f:
@@ -281,13 +287,21 @@ def build_embedded_dataset(root, seed=0, num_points=8192, sizes=None, num_refs=5
     return root
 
 
-def ensure_embedded_dataset(root=None, **params):
-    """Build (if needed) under <root>/shapes_v1 and return that folder.
+def embedded_folder(root=None, **params):
+    """<root>/shapes_v1_<8 hex of the parameters>: each parameter set has its own folder, so a run
+    with other parameters (a smoke test, a concurrent job) never rebuilds the one another run reads.
 
     root defaults to $LAVIS_POINT_CACHE, else ~/.cache/lavis_point.
     """
     from lavis_point.paths import cache_root
 
-    folder = os.path.join(os.path.expanduser(os.fspath(root or cache_root())), "shapes_v1")
+    key = json.dumps(embedded_params(**params), sort_keys=True, separators=(",", ":"))
+    name = f"shapes_v{VERSION}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+    return os.path.join(os.path.expanduser(os.fspath(root or cache_root())), name)
+
+
+def ensure_embedded_dataset(root=None, **params):
+    """Build (if needed) into embedded_folder(root, **params) and return that folder."""
+    folder = embedded_folder(root, **params)
     build_embedded_dataset(folder, **params)
     return folder
