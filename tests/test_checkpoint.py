@@ -20,7 +20,10 @@ def test_checkpoint_without_frozen_encoder_loads_and_reports_it(tmp_path):
     path = str(tmp_path / "ck.pth")
     torch.save({"model": trainable_state_dict(model)}, path)
     assert not any(k.startswith("point_encoder.") for k in torch.load(path, weights_only=True)["model"])
-    summary = small_stage1(freeze_encoder=True).load_checkpoint(path)
+    fresh = small_stage1(freeze_encoder=True)
+    torch.save(model.point_encoder.state_dict(), tmp_path / "encoder.pth")
+    fresh.point_encoder.load_checkpoint(str(tmp_path / "encoder.pth"))  # model.point_encoder.checkpoint
+    summary = fresh.load_checkpoint(path)
     assert summary["absent_frozen_or_optional"] > 0
 
 
@@ -92,18 +95,21 @@ def test_atomic_save_leaves_no_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == ["ck.pth"]
 
 
-def test_a_checkpoint_without_the_frozen_encoder_warns_when_nothing_else_gave_it_weights(tmp_path, caplog):
-    """A frozen encoder may be absent from a file (GPT4Point's stage-1 files omit it), but then it must
-    come from model.point_encoder.checkpoint: otherwise it stays random, which only a warning can tell."""
+def test_a_checkpoint_without_the_frozen_encoder_is_refused_when_nothing_else_gave_it_weights(tmp_path, caplog):
+    """A frozen encoder may be absent from a file (runner checkpoints and GPT4Point's stage-1 files omit
+    it), but then it must come from model.point_encoder.checkpoint: a frozen random encoder would make
+    every metric noise, so that is an error; a trainable one (training from scratch) gets a warning."""
     from tests.small_models import small_stage1
     trained = small_stage1(freeze_encoder=True)
     torch.save({k: v for k, v in trained.state_dict().items() if not k.startswith("point_encoder.")},
                tmp_path / "no_encoder.pth")
     torch.save(trained.point_encoder.state_dict(), tmp_path / "encoder.pth")
-    fresh = small_stage1(freeze_encoder=True)
-    with caplog.at_level(logging.WARNING):
-        fresh.load_checkpoint(str(tmp_path / "no_encoder.pth"))
-    assert "no_encoder.pth holds no point_encoder weights" in caplog.text
+    with pytest.raises(CheckpointError, match="no_encoder.pth holds no point_encoder weights.*"
+                                              "model.point_encoder.checkpoint.*frozen encoder would stay random"):
+        small_stage1(freeze_encoder=True).load_checkpoint(str(tmp_path / "no_encoder.pth"))
+    with caplog.at_level(logging.WARNING):  # an earlier stage (BLIP-2's, say) before training the encoder
+        small_stage1(freeze_encoder=False).load_from_pretrained(str(tmp_path / "no_encoder.pth"))
+    assert "no_encoder.pth holds no point_encoder weights" in caplog.text and "random initialisation" in caplog.text
     caplog.clear()
     fresh = small_stage1(freeze_encoder=True)
     fresh.point_encoder.load_checkpoint(str(tmp_path / "encoder.pth"))

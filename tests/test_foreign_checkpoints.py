@@ -288,6 +288,13 @@ def test_point_qformer_from_blip2_image_stage1_file(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def with_encoder_file(model, tmp_path):
+    """Loads the model's own (random, seeded) encoder from a file, as model.point_encoder.checkpoint
+    would: a frozen encoder must come from somewhere before a file without it is loaded."""
+    torch.save(model.point_encoder.state_dict(), tmp_path / "encoder.pth")
+    model.point_encoder.load_checkpoint(str(tmp_path / "encoder.pth"))
+
+
 def test_point_qformer_from_gpt4point_stage1_file_without_encoder(tmp_path):
     ckpt = gpt4point_stage1_file()
     path = save(ckpt, tmp_path / "gpt4point_stage1.pth")
@@ -295,6 +302,7 @@ def test_point_qformer_from_gpt4point_stage1_file_without_encoder(tmp_path):
     assert_same_state(model, reference)
     before = point_feats(model)
 
+    with_encoder_file(model, tmp_path)  # GPT4Point's stage-1 file holds no encoder: it comes first
     summary = model.load_checkpoint(path)
     assert not torch.equal(point_feats(model), before)
 
@@ -331,6 +339,7 @@ def test_point_opt_from_gpt4point_stage2_file(tmp_path):
     with torch.no_grad():
         before = model.prefix_embeds(points)
 
+    with_encoder_file(model, tmp_path)  # frozen in GPT4Point's stage 2: not in its file
     summary = model.load_checkpoint(path)
 
     placed = place_by_hand(reference, ckpt["model"])

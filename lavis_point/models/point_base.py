@@ -13,6 +13,7 @@ from lavis.models.base_model import BaseModel
 from omegaconf import OmegaConf
 
 from lavis_point.models.checkpoint import (
+    CheckpointError,
     load_state_dict_checked,
     read_checkpoint,
     state_dict_of,
@@ -128,9 +129,11 @@ class PointQueryModel(BaseModel):
         if any(k.startswith("point_encoder.") for k in state):
             self.point_encoder.weights_from = url_or_filename
         elif self.point_encoder.weights_from is None:  # a frozen encoder may be absent: from where, then?
-            log.warning("%s holds no point_encoder weights and none were loaded before it (set "
-                        "model.point_encoder.checkpoint): the encoder keeps its random initialisation",
-                        url_or_filename)
+            problem = (f"{url_or_filename} holds no point_encoder weights and none were loaded before it (set "
+                       f"model.point_encoder.checkpoint to the encoder the run started from)")
+            if self.freeze_encoder:  # nothing would ever train it: every result would come from noise
+                raise CheckpointError(f"{problem}: the frozen encoder would stay random")
+            log.warning("%s: the encoder keeps its random initialisation", problem)
         return summary
 
     def load_from_pretrained(self, url_or_filename):
