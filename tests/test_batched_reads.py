@@ -22,6 +22,7 @@ from lavis_point.datasets.cap3d import CloudFiles
 from lavis_point.datasets.point_caption import PointCaptionDataset
 from lavis_point.processors.point_processors import PointEvalProcessor, PointTrainProcessor, cloud_statistics
 from lavis_point.runners.runner_point import RunnerPoint
+from tests.seeded import seeded
 from tests.point_files import write_pickle
 from tests.rounding import assert_within_rounding, one_pass_tolerance
 
@@ -44,7 +45,7 @@ def sharded(folder, n_per_shard=(5, 7), processor=None, is_train=True, with_stat
             np.save(os.path.join(folder, stats_name(shard_name("train", number))), cloud_statistics(shard))
         entries += [{"id": f"s{number}_{row}", "shard": shard_name("train", number), "index": row,
                      "captions": [f"shape {number} {row}", f"thing {row}"]} for row in range(n)]
-    processor = processor or PointTrainProcessor.from_config({"num_points": P, "seed": 3})
+    processor = processor or seeded(PointTrainProcessor, {"num_points": P, "seed": 3})
     return PointCaptionDataset(ShardedClouds(str(folder), "train"), entries, processor, BlipCaptionProcessor(),
                                is_train)
 
@@ -123,7 +124,7 @@ def test_per_object_files_are_read_one_by_one_and_processed_as_a_batch(tmp_path)
     for i, cloud in enumerate(clouds(6, points=300)):
         write_pickle(tmp_path / f"obj{i}.pkl", cloud.astype(np.float32))
         entries.append({"id": f"obj{i}", "caption": f"object {i}", "path": str(tmp_path / f"obj{i}.pkl")})
-    processor = PointTrainProcessor.from_config({"num_points": P, "seed": 5, "dropout": 0.3})
+    processor = seeded(PointTrainProcessor, {"num_points": P, "seed": 5, "dropout": 0.3})
     dataset = PointCaptionDataset(CloudFiles(), entries, processor, BlipCaptionProcessor(), True)
     assert_same_batches(batches(dataset, 4), batches(PerItem(dataset), 4))
 
@@ -153,7 +154,7 @@ def test_each_cloud_of_a_batch_gets_its_own_augmentation():
 
 
 def test_seeded_batches_equal_single_clouds_when_resampling_too():
-    processor = PointTrainProcessor.from_config({"num_points": P, "seed": 7, "dropout": 0.5})
+    processor = seeded(PointTrainProcessor, {"num_points": P, "seed": 7, "dropout": 0.5})
     for points in (100, 400):  # fewer points than asked (repeats) and more (a subset)
         batch = clouds(3, points=points).astype(np.float32)
         out, finite = processor.batch(batch)
@@ -197,8 +198,8 @@ def test_a_full_size_cloud_keeps_its_points_rolled_to_a_random_start():
     plain = PointEvalProcessor.from_config({"num_points": P})(cloud)
     starts = set()
     for seed in range(8):
-        out = PointTrainProcessor.from_config({"num_points": P, "scale": None, "shift": 0, "rotate": False,
-                                               "seed": seed})(cloud)
+        out = seeded(PointTrainProcessor, {"num_points": P, "scale": None, "shift": 0, "rotate": False,
+                                           "seed": seed})(cloud)
         start = int(torch.nonzero((plain == out[0]).all(dim=1))[0])
         assert torch.equal(out, torch.roll(plain, -start, dims=0))
         starts.add(start)

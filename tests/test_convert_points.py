@@ -12,6 +12,7 @@ from lavis_point.data_io import convert
 from lavis_point.data_io.shards import ShardedClouds, stats_name
 from lavis_point.datasets.cap3d import locate_clouds, read_annotations
 from lavis_point.processors.point_processors import PointTrainProcessor, cloud_statistics
+from tests.seeded import seeded
 from tests import point_files as pf
 from tests.rounding import assert_within_rounding, one_pass_tolerance
 
@@ -71,7 +72,7 @@ def test_shards_converted_with_or_without_statistics_give_the_same_batches_to_fl
     out = str(tmp_path / "shards")
     run_convert(annotations, folder, out, num_points=2048, shard_size=4)
     entries = list(index_of(out).values())
-    processor = PointTrainProcessor.from_config({"num_points": 2048, "seed": 1})
+    processor = seeded(PointTrainProcessor, {"num_points": 2048, "seed": 1})
     with_stats = ShardedClouds(out, "train").parts(entries)
     for name in {entry["shard"] for entry in entries}:  # as a conversion made before statistics left them
         os.remove(os.path.join(out, stats_name(name)))

@@ -19,6 +19,7 @@ from hypothesis.extra import numpy as hnp
 
 from lavis_point.data_io import PointCloudError, as_cloud
 from lavis_point.processors.point_processors import PointEvalProcessor, PointTrainProcessor
+from tests.seeded import seeded
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -63,8 +64,8 @@ def test_eval_normalised_output_lies_in_the_unit_sphere(cloud, num_points):
     st.floats(0.1, 1.0), st.floats(1.0, 3.0)), shift=st.floats(0, 0.5), rotate=st.booleans(),
     dropout=st.floats(0, 0.95), seed=st.none() | st.integers(0, 2 ** 31))
 def test_train_output_stays_within_the_augmentation_bounds(cloud, num_points, scale, shift, rotate, dropout, seed):
-    processor = PointTrainProcessor.from_config({"num_points": num_points, "scale": scale, "shift": shift,
-                                                 "rotate": rotate, "dropout": dropout, "seed": seed})
+    processor = seeded(PointTrainProcessor, {"num_points": num_points, "scale": scale, "shift": shift,
+                                             "rotate": rotate, "dropout": dropout, "seed": seed})
     check(processor(cloud), num_points, radius=(scale[1] if scale else 1.0) + shift * math.sqrt(3))
 
 

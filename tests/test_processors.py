@@ -5,6 +5,7 @@ import torch
 import lavis_point  # noqa: F401
 from lavis_point.processors.point_processors import (PointCloudError, PointEvalProcessor, PointTrainProcessor,
                                                      cloud_statistics)
+from tests.seeded import seeded
 from tests.rounding import assert_within_rounding, one_pass_tolerance
 
 
@@ -57,7 +58,7 @@ def test_normalisation_can_be_switched_off():
 def test_rotation_is_about_the_up_axis_only():
     c = cloud()
     ev = PointEvalProcessor.from_config({"num_points": 3000})(c)
-    tr = PointTrainProcessor.from_config({"num_points": 3000, "scale": None, "shift": 0.0, "seed": 1})(c)
+    tr = seeded(PointTrainProcessor, {"num_points": 3000, "scale": None, "shift": 0.0, "seed": 1})(c)
     assert torch.allclose(torch.sort(ev[:, 2]).values, torch.sort(tr[:, 2]).values, atol=1e-5)
     assert not torch.allclose(torch.sort(ev[:, 0]).values, torch.sort(tr[:, 0]).values, atol=1e-3)
 
@@ -81,7 +82,7 @@ def test_eval_refuses_augmentation_settings():
 def only(**switches):
     """A train processor with every augmentation off except ``switches`` (as a YAML would set them)."""
     cfg = {"num_points": 2048, "scale": None, "shift": 0.0, "rotate": False, "dropout": 0.0, **switches}
-    return PointTrainProcessor.from_config(cfg)
+    return seeded(PointTrainProcessor, cfg)
 
 
 def by_colour(points):
@@ -176,8 +177,8 @@ def test_statistics_are_the_centre_radius_and_colour_range_of_the_stored_values(
 def test_one_pass_with_stored_statistics_gives_what_three_passes_give_to_float_rounding(config):
     shard = shard_of()
     stats, rows, positions = cloud_statistics(shard), [0, 2, 3, 5], [2, 0, 3, 1]
-    processor = (PointTrainProcessor if "seed" in config else PointEvalProcessor).from_config(
-        {"num_points": shard.shape[1], **config})
+    processor = seeded(PointTrainProcessor if "seed" in config else PointEvalProcessor,
+                       {"num_points": shard.shape[1], **config})
     tolerance = one_pass_tolerance(stats[rows], max(processor.scale or (1.0,)), processor.shift, processor.normalize)
     three, ok3 = processor.batch_from([(shard, rows, positions)], 4)
     one, ok1 = processor.batch_from([(shard, rows, positions, stats)], 4)
@@ -264,3 +265,19 @@ def test_the_colour_range_is_the_whole_clouds_not_its_samples():
     for _ in range(8):
         rgb = processor(c)[:, 3:]
         assert rgb.min() < -0.99 and rgb.max() <= 2 * 200 / 255 - 1 + 1e-6
+
+
+def test_a_processor_seed_in_yaml_is_refused():
+    with pytest.raises(ValueError, match="no 'seed'.*run.seed"):
+        PointTrainProcessor.from_config({"seed": 3})
+
+
+def test_a_cloud_with_fewer_points_starts_at_a_random_point_in_training():
+    """FPS starts at point 0 and dropout copies it: upsampled clouds must not always start at row 0."""
+    c = cloud(1000)
+    processor = PointTrainProcessor.from_config({"num_points": 1024, "scale": None, "shift": 0.0})  # rotates
+    rgb = torch.tensor(c[:, 3:] * 2 - 1, dtype=torch.float32)  # each point's colour names it
+    np.random.seed(0)
+    firsts = [processor(c)[0, 3:] for _ in range(8)]
+    rows = {int(torch.isclose(rgb, f, atol=1e-6).all(dim=1).nonzero()[0]) for f in firsts}
+    assert len(rows) > 4

@@ -396,6 +396,8 @@ class PointProcessor(BaseProcessor):
             start = rng.integers(0, n, count)
         elif n != self.num_points:
             rows = np.stack([resample_index(n, self.num_points, rng) for _ in range(count)])
+            if rng is not None and n < self.num_points:  # every row, then repeats: roll as above
+                rows = np.stack([np.roll(r, -s) for r, s in zip(rows, rng.integers(0, self.num_points, count))])
         matrix = np.broadcast_to(np.eye(3, dtype=np.float32), (count, 3, 3))
         offset = np.zeros((count, 3), np.float32)
         if rng is not None:
@@ -425,15 +427,20 @@ class PointProcessor(BaseProcessor):
     @classmethod
     def from_config(cls, cfg=None):
         cfg = cfg or {}
+        if cfg.get("seed") is not None:
+            raise ValueError("point processors take no 'seed': one would give every cloud of every epoch the same "
+                             "augmentation. The run's seed (run.seed) already makes augmentation reproducible")
         scale = cfg.get("scale", None)
         return cls(num_points=cfg.get("num_points", 8192), normalize=cfg.get("normalize", True),
                    scale=tuple(scale) if scale else None, shift=cfg.get("shift", 0.0),
-                   rotate=cfg.get("rotate", False), dropout=cfg.get("dropout", 0.0), seed=cfg.get("seed", None))
+                   rotate=cfg.get("rotate", False), dropout=cfg.get("dropout", 0.0))
 
 
 @registry.register_processor("point_train")
 class PointTrainProcessor(PointProcessor):
-    """Defaults to GPT4Point-style augmentation: scale 0.8-1.25, shift +-0.1, rotation about z."""
+    """Augments by default: one scale factor in 0.8-1.25, a shift of up to +-0.1 per axis, a rotation
+    about z (the up axis of Cap3D's clouds, rendered Z-up); ``dropout: p`` (off by default) drops a
+    fraction drawn uniformly in [0, p] of each cloud's points."""
 
     @classmethod
     def from_config(cls, cfg=None):
