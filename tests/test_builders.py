@@ -101,3 +101,16 @@ def test_caption_and_qa_builders_share_one_cache_folder(tmp_path):
     registry.get_builder_class("shapes_point_classification")(classes).build_datasets()
     assert list(tmp_path.iterdir()) == [folder]
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_embedded_builder_reads_only_build_info_splits(tmp_path):
+    """As the sibling builders do: an evaluation that names [test] must not build the train set."""
+    cfg = config("shapes_point_caption", root=str(tmp_path), sizes=SIZES, num_points=2048, splits=["test"])
+    datasets = registry.get_builder_class("shapes_point_caption")(cfg).build_datasets()
+    assert list(datasets) == ["test"] and len(datasets["test"]) == SIZES["test"]
+    cfg.build_info.splits = ["val", "train"]
+    assert list(registry.get_builder_class("shapes_point_caption")(cfg).build_datasets()) == ["val", "train"]
+    cfg.build_info.sizes = {"train": 8, "test": 8}  # replaced, not merged into the defaults' three
+    cfg.build_info.splits = ["val"]
+    with pytest.raises(ValueError, match=r"build_info.splits names 'val', which build_info.sizes .* lacks"):
+        registry.get_builder_class("shapes_point_caption")(cfg).build_datasets()
