@@ -10,6 +10,9 @@ Why each override (LAVIS 1.0.2, measured on CPU):
   so a resumed run continues exactly where the uninterrupted one would be (same batches, augmentation,
   negatives; tests/test_kill_resume.py, tests/test_resume_validation.py), and with the best validation
   score so far: RunnerBase's resume starts it at 0, so any later epoch replaced the best checkpoint.
+  The final test reloads ``checkpoint_best.pth`` only where this run saved one (or carried it over on
+  resume); RunnerBase reloads it whenever there is a validation split and failed after the whole
+  training when none was chosen (no split named 'val', agg_metrics never above 0).
 - ``create_loaders``: a resumed run's first epoch is ``start_epoch``; LAVIS's IterLoader counts from 0,
   so a DistributedSampler would replay epoch 0's order.
 - checkpoints: written atomically, without frozen parts (unless ``run.save_frozen_parts``), read
@@ -52,6 +55,15 @@ from lavis_point.runners.grouped_batches import GroupedBatchSampler, group_ids_o
 def barrier():
     if is_dist_avail_and_initialized():
         dist.barrier()
+
+
+def from_main_process(value):
+    """The main process's ``value`` on every rank."""
+    if not is_dist_avail_and_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @registry.register_runner("runner_point")
@@ -118,7 +130,12 @@ class RunnerPoint(RunnerBase):
     def train(self):
         start_time = time.time()
         best_agg_metric, best_epoch = 0, 0
+        self.best_saved = False  # checkpoint_best.pth written (or copied on resume) in this run's folder
         self.log_config()
+        if self.valid_splits and "val" not in self.valid_splits and not self.evaluate_only:
+            logging.warning("run.valid_splits %s has no split named 'val': as in LAVIS, no checkpoint_best.pth "
+                            "is chosen, and the final test uses the model of the last epoch",
+                            list(self.valid_splits))
         if not self.evaluate_only and self.resume_ckpt_path is not None:
             best_agg_metric, best_epoch = self._load_checkpoint(self.resume_ckpt_path)
         cur_epoch = self.start_epoch
@@ -136,6 +153,7 @@ class RunnerPoint(RunnerBase):
                     if val_log["agg_metrics"] > best_agg_metric and split_name == "val":
                         best_epoch, best_agg_metric = cur_epoch, val_log["agg_metrics"]
                         self._save_checkpoint(cur_epoch, name="best")
+                        self.best_saved = True
                     val_log.update({"best_epoch": best_epoch})
                     self.log_stats(val_log, split_name)
             if self.evaluate_only:
@@ -145,9 +163,23 @@ class RunnerPoint(RunnerBase):
             self._save_checkpoint(cur_epoch, name="last", rng=rng_state.capture_all_ranks(),
                                   best=(best_agg_metric, best_epoch))
             barrier()
-        test_epoch = "best" if self.valid_splits and not self.evaluate_only else cur_epoch
-        self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+        self.evaluate(cur_epoch=self._test_epoch(cur_epoch), skip_reload=self.evaluate_only)
         logging.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    def _test_epoch(self, last_epoch):
+        """``"best"`` where this run saved (or carried over) a best checkpoint, as LAVIS tests; else the
+        last epoch: LAVIS reloads checkpoint_best.pth whenever there are validation splits, and failed
+        after the whole training when none was chosen (no split named 'val', or its agg_metrics never
+        rose above 0, as with run.report_metric false), or tested a stale one left in the folder."""
+        if not self.valid_splits or self.evaluate_only:
+            return last_epoch
+        if from_main_process(self.best_saved):  # only the main process saves it
+            return "best"
+        if self.test_splits:
+            logging.warning("no checkpoint_best.pth from this run in %s (it is chosen on the split named 'val' "
+                            "when its agg_metrics rises above 0): testing the model of the last epoch (%d)",
+                            self.output_dir, last_epoch)
+        return last_epoch
 
     def _save_checkpoint(self, cur_epoch, is_best=False, name=None, rng=None, best=None):
         """``rng``: every rank's random state, ``best``: (best agg_metrics, its epoch) so far
@@ -208,6 +240,7 @@ class RunnerPoint(RunnerBase):
             logging.warning("%s: best agg_metrics %s (epoch %d) saved, but %s is missing: the first validated "
                             "epoch after the resume becomes checkpoint_best.pth", path, best[0], best[1], source)
             return 0, 0
+        self.best_saved = True
         if source.resolve() == target.resolve():  # resumed into the same folder
             return best
         shutil.copyfile(source, f"{target}.tmp-{os.getpid()}")

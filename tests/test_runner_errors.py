@@ -1,0 +1,72 @@
+"""What train.py / evaluate.py do when a run is set up in a way that used to fail late or silently:
+no best checkpoint to test, a resume file that is not a runner checkpoint, a misspelt runner, ranks
+that name the run folder apart, nothing to evaluate. The runner runs in-process on a one-weight
+model (tests/test_resume_validation.py), so each case takes seconds."""
+import os
+import random
+
+import numpy as np
+import torch
+
+from lavis_point.runners.runner_point import RunnerPoint
+from tests.test_resume_validation import Config, Numbers, OneWeight, Recording
+
+
+class Scored(Recording):
+    """Validation always gives ``metric`` (0.0: a metric that never rose, or run.report_metric false)."""
+
+    def __init__(self, metric):
+        super().__init__()
+        self.metric = metric
+
+    def after_evaluation(self, val_result, split_name, epoch, **kwargs):
+        return {"agg_metrics": self.metric}
+
+
+def runner(out, job, task=None, model=None, **run):
+    """A runner as train.py builds it (seeded as cli_run does), one epoch unless told."""
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    datasets = {"numbers": {"train": Numbers(0, 16), "val": Numbers(100, 8), "test": Numbers(200, 4)}}
+    return RunnerPoint(cfg=Config(output_dir=str(out), **{"max_epoch": 1, **run}), task=task or Recording(),
+                       model=model or OneWeight(), datasets=datasets, job_id=job)
+
+
+def train(out, job, task, **run):
+    r = runner(out, job, task, **run)
+    r.train()
+    return r
+
+
+def weight(path):
+    return torch.load(path, weights_only=True)["model"]["lin.weight"].item()
+
+
+# --- the final test of a run that chose no best checkpoint -------------------------------------
+
+
+def test_a_validation_metric_of_zero_tests_the_last_model_and_says_so(tmp_path, caplog):
+    task = Scored(0.0)
+    with caplog.at_level("WARNING"):
+        r = train(tmp_path, "zero", task)
+    assert not os.path.exists(os.path.join(r.output_dir, "checkpoint_best.pth"))
+    assert task.tested[-1] == weight(os.path.join(r.output_dir, "checkpoint_last.pth"))
+    assert "no checkpoint_best.pth" in caplog.text and "testing the model of the last epoch" in caplog.text
+
+
+def test_a_validation_split_not_named_val_warns_at_start_and_tests_the_last_model(tmp_path, caplog):
+    task = Scored(0.9)
+    with caplog.at_level("WARNING"):
+        r = train(tmp_path, "test_as_val", task, valid_splits=["test"])
+    assert "run.valid_splits ['test'] has no split named 'val'" in caplog.text
+    assert caplog.text.index("has no split named 'val'") < caplog.text.index("testing the model of the last epoch")
+    assert task.tested[-1] == weight(os.path.join(r.output_dir, "checkpoint_last.pth"))
+
+
+def test_a_best_checkpoint_left_in_the_folder_by_an_earlier_run_is_not_tested(tmp_path):
+    earlier = train(tmp_path, "job", Scored(0.9))
+    stale = weight(os.path.join(earlier.output_dir, "checkpoint_best.pth"))
+    task = Scored(0.0)
+    r = train(tmp_path, "job", task, max_epoch=2)
+    last = weight(os.path.join(r.output_dir, "checkpoint_last.pth"))
+    assert last != stale  # else the assertion below could not tell them apart
+    assert task.tested[-1] == last
