@@ -17,11 +17,32 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def step(name, script, cfg, options):
-    """Run one command, echo its progress lines as they come, stop on failure with its log's tail."""
+def forget(path):
+    """Remove what an earlier run left at path, so it can never be reported as this run's."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def signature(path):
+    """Which file is at path (a checkpoint is saved by os.replace: a new inode), or None."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def step(name, script, cfg, out, job, options):
+    """Run one command, echo its progress lines as they come, stop on failure with its log's tail.
+    Its metrics.json is removed first: evaluation merges into that file, so a step that measured
+    nothing would otherwise leave the previous run's numbers there."""
+    forget(os.path.join(out, job, "metrics.json"))
     print(f"== {name}: {script} --cfg-path {cfg}", flush=True)
     started = time.time()
-    proc = subprocess.Popen([sys.executable, script, "--cfg-path", cfg, "--options", *options], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, script, "--cfg-path", cfg, "--options", f"run.output_dir={out}",
+                             f"run.job_id={job}", *options], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail = []
     for line in proc.stdout:
@@ -34,9 +55,25 @@ def step(name, script, cfg, options):
     print(f"   {name} done in {time.time() - started:.0f} s", flush=True)
 
 
+def train(name, cfg, out, job, options):
+    """A training step; returns the checkpoint it saved (one left by an earlier run does not count)."""
+    checkpoint = os.path.join(out, job, "checkpoint_last.pth")
+    before = signature(checkpoint)
+    step(name, "train.py", cfg, out, job, options)
+    if signature(checkpoint) in (None, before):
+        sys.exit(f"{name}: {checkpoint}: this run saved no checkpoint")
+    return checkpoint
+
+
 def read_metrics(out, job):
-    with open(os.path.join(out, job, "metrics.json")) as f:
-        return json.load(f)["test"]
+    path = os.path.join(out, job, "metrics.json")
+    if not os.path.isfile(path):
+        sys.exit(f"{job}: {path}: missing; the step ended without writing metrics")
+    with open(path) as f:
+        metrics = json.load(f)
+    if "test" not in metrics:
+        sys.exit(f"{job}: {path}: no 'test' metrics (it has {sorted(metrics)})")
+    return metrics["test"]
 
 
 def main():
@@ -46,23 +83,23 @@ def main():
                         help="skip the retrieval, zero-shot and QA evaluations")
     args = parser.parse_args()
     out = os.path.abspath(os.path.join(ROOT, args.output_dir))
+    evaluations = () if args.captions_only else (("retrieval_eval", "stage1"), ("zeroshot_eval", "stage1"),
+                                                 ("qa_eval", "stage2"))
+    # A run that stops part-way must not leave the last run's numbers beside its own.
+    forget(os.path.join(out, "summary.json"))
+    for job in ("stage1", "stage2", "eval", "eval_untrained", *dict(evaluations)):
+        forget(os.path.join(out, job, "metrics.json"))
     started = time.time()
-    common = [f"run.output_dir={out}"]
-    step("stage 1", "train.py", "projects/embedded/stage1.yaml", common + ["run.job_id=stage1"])
-    stage1 = os.path.join(out, "stage1", "checkpoint_last.pth")
-    step("stage 2", "train.py", "projects/embedded/stage2.yaml",
-         common + ["run.job_id=stage2", f"model.pretrained={stage1}"])
-    stage2 = os.path.join(out, "stage2", "checkpoint_last.pth")
-    step("evaluation", "evaluate.py", "projects/embedded/caption_eval.yaml",
-         common + ["run.job_id=eval", f"model.finetuned={stage2}"])
-    step("evaluation of an untrained model", "evaluate.py", "projects/embedded/caption_eval.yaml",
-         common + ["run.job_id=eval_untrained", "model.finetuned=null"])
-    understanding = {}
-    evaluations = () if args.captions_only else (("retrieval_eval", stage1), ("zeroshot_eval", stage1),
-                                                 ("qa_eval", stage2))
-    for job, checkpoint in evaluations:
-        step(job.replace("_", " "), "evaluate.py", f"projects/embedded/{job}.yaml",
-             common + [f"run.job_id={job}", f"model.finetuned={checkpoint}"])
+    stage1 = train("stage 1", "projects/embedded/stage1.yaml", out, "stage1", [])
+    stage2 = train("stage 2", "projects/embedded/stage2.yaml", out, "stage2", [f"model.pretrained={stage1}"])
+    step("evaluation", "evaluate.py", "projects/embedded/caption_eval.yaml", out, "eval",
+         [f"model.finetuned={stage2}"])
+    step("evaluation of an untrained model", "evaluate.py", "projects/embedded/caption_eval.yaml", out,
+         "eval_untrained", ["model.finetuned=null"])
+    understanding, checkpoints = {}, {"stage1": stage1, "stage2": stage2}
+    for job, trained_by in evaluations:
+        step(job.replace("_", " "), "evaluate.py", f"projects/embedded/{job}.yaml", out, job,
+             [f"model.finetuned={checkpoints[trained_by]}"])
         understanding[job] = read_metrics(out, job)
     summary = {"split": "test (held-out shape x colour pairs)", **read_metrics(out, "eval"),
                "untrained": read_metrics(out, "eval_untrained"), **understanding,

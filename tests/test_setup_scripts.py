@@ -1,0 +1,126 @@
+"""The scripts around a run: scripts/run_embedded_default.py (with its train.py / evaluate.py steps
+replaced by a stand-in, so it takes a second) and scripts/setup.sh."""
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOBS = ("stage1", "stage2", "eval", "eval_untrained", "retrieval_eval", "zeroshot_eval", "qa_eval")
+
+
+def load_pipeline():
+    spec = importlib.util.spec_from_file_location("run_embedded_default",
+                                                  os.path.join(ROOT, "scripts", "run_embedded_default.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeStep:
+    """Stands in for subprocess.Popen of train.py / evaluate.py: per job, an exit code, test metrics
+    merged into <job>/metrics.json as eval_io.write_metrics does (or none), a checkpoint (or none)."""
+
+    plan = {}
+
+    def __init__(self, cmd, **kwargs):
+        options = dict(o.split("=", 1) for o in cmd[cmd.index("--options") + 1:])
+        job = options["run.job_id"]
+        folder = os.path.join(options["run.output_dir"], job)
+        os.makedirs(folder, exist_ok=True)
+        self.returncode, metrics, checkpoint = self.plan.get(job, (0, {"score": job}, True))
+        if metrics is not None:
+            path, everything = os.path.join(folder, "metrics.json"), {}
+            if os.path.isfile(path):
+                with open(path) as f:
+                    everything = json.load(f)
+            everything["test"] = metrics
+            with open(path, "w") as f:
+                json.dump(everything, f)
+        if checkpoint:
+            with open(os.path.join(folder, "checkpoint_last.pth"), "w") as f:
+                f.write(f"{job} {id(self)}")
+        self.stdout = iter([f"{job} log line\n"])
+
+    def wait(self):
+        return self.returncode
+
+
+def old_run(out):
+    """What an earlier run of the pipeline left in out: every job's metrics, checkpoints, a summary."""
+    for job in JOBS:
+        os.makedirs(out / job)
+        (out / job / "metrics.json").write_text(json.dumps({"test": {"stale": job}}))
+        (out / job / "checkpoint_last.pth").write_text("old")
+    (out / "summary.json").write_text(json.dumps({"stale": "summary"}))
+
+
+@pytest.fixture
+def pipeline(tmp_path, monkeypatch):
+    module = load_pipeline()
+    monkeypatch.setattr(module.subprocess, "Popen", FakeStep)
+    monkeypatch.setattr(sys, "argv", ["run_embedded_default.py", "--output-dir", str(tmp_path / "out")])
+    old_run(tmp_path / "out")
+
+    def run(plan, capsys):
+        FakeStep.plan = plan
+        try:
+            module.main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+        return code, capsys.readouterr().out
+
+    return run, tmp_path / "out"
+
+
+def test_pipeline_reports_only_what_this_run_measured(pipeline, capsys):
+    run, out = pipeline
+    code, printed = run({}, capsys)
+    assert code == 0 and "stale" not in printed
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert summary["score"] == "eval" and summary["untrained"] == {"score": "eval_untrained"}
+    assert summary["qa_eval"] == {"score": "qa_eval"}
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+@pytest.mark.parametrize("job", ["eval", "eval_untrained", "zeroshot_eval", "qa_eval"])
+def test_a_step_that_measures_nothing_stops_the_pipeline_and_no_old_metric_is_shown(pipeline, capsys, job):
+    """metrics.json is merged into, so an evaluation that wrote nothing left the previous run's numbers,
+    which were then printed as this run's."""
+    run, out = pipeline
+    code, printed = run({job: (0, None, False)}, capsys)
+    assert code not in (0, None) and "stale" not in printed + str(code)
+    assert f"{job}/metrics.json" in str(code)
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("job", ["stage1", "eval", "qa_eval"])
+def test_a_failed_step_leaves_no_summary_behind(pipeline, capsys, job):
+    run, out = pipeline
+    code, printed = run({job: (1, None, False)}, capsys)
+    assert code not in (0, None) and "failed (exit 1)" in str(code) and "stale" not in printed
+    assert not (out / "summary.json").exists()
+    # nothing in the output folder is left from the earlier run to be mistaken for this one's
+    left = [job for job in JOBS if (out / job / "metrics.json").exists()]
+    assert not [job for job in left if "stale" in (out / job / "metrics.json").read_text()]
+
+
+def test_a_training_step_that_saves_no_checkpoint_stops_before_the_old_one_is_evaluated(pipeline, capsys):
+    run, out = pipeline
+    code, printed = run({"stage2": (0, {"score": "stage2"}, False)}, capsys)
+    assert code not in (0, None) and "checkpoint_last.pth" in str(code)
+    assert not (out / "eval" / "metrics.json").exists() and not (out / "summary.json").exists()
+
+
+def test_captions_only_leaves_the_understanding_jobs_alone(pipeline, capsys, monkeypatch):
+    run, out = pipeline
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--captions-only"])
+    code, printed = run({}, capsys)
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert code == 0 and summary["score"] == "eval" and "qa_eval" not in summary and "stale" not in printed
+    assert json.loads((out / "qa_eval" / "metrics.json").read_text()) == {"test": {"stale": "qa_eval"}}
