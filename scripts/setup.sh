@@ -17,4 +17,8 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/python -c "import lavis_point" 2>/dev/null && echo "lavis-point installed in .venv"
+if ! .venv/bin/python -c "import lavis_point"; then
+  echo "setup.sh: the install ran, but 'import lavis_point' fails in .venv (error above)" >&2
+  exit 1
+fi
+echo "lavis-point installed in .venv"

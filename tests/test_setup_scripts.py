@@ -124,3 +124,33 @@ def test_captions_only_leaves_the_understanding_jobs_alone(pipeline, capsys, mon
     summary = json.loads(printed.strip().splitlines()[-1])
     assert code == 0 and summary["score"] == "eval" and "qa_eval" not in summary and "stale" not in printed
     assert json.loads((out / "qa_eval" / "metrics.json").read_text()) == {"test": {"stale": "qa_eval"}}
+
+
+def fake_setup(tmp_path, import_error):
+    """setup.sh in a copy of the repository whose .venv/bin/python fakes pip and the import check, with
+    java on PATH (so nothing is installed with apt)."""
+    (tmp_path / "repo" / "scripts").mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "scripts", "setup.sh"), tmp_path / "repo" / "scripts" / "setup.sh")
+    (tmp_path / "repo" / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / "bin").mkdir()
+    fail = f'echo "{import_error}" >&2; exit 1' if import_error else "exit 0"
+    for path, text in ((tmp_path / "repo" / ".venv" / "bin" / "python",
+                        f'#!/bin/sh\nif [ "$1" = -c ]; then {fail}; fi\nexit 0\n'),
+                       (tmp_path / "bin" / "java", "#!/bin/sh\nexit 0\n")):
+        path.write_text(text)
+        path.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    return subprocess.run(["bash", str(tmp_path / "repo" / "scripts" / "setup.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_setup_shows_why_the_final_import_fails(tmp_path):
+    """The check ran with 2>/dev/null: a broken install exited 1 without a word."""
+    proc = fake_setup(tmp_path, "ImportError: cannot import name 'registry' from 'lavis.common'")
+    assert proc.returncode != 0 and "installed" not in proc.stdout
+    assert "ImportError: cannot import name 'registry'" in proc.stderr and "import lavis_point" in proc.stderr
+
+
+def test_setup_says_when_it_has_installed(tmp_path):
+    proc = fake_setup(tmp_path, None)
+    assert proc.returncode == 0 and "lavis-point installed in .venv" in proc.stdout and not proc.stderr
