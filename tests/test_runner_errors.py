@@ -6,8 +6,10 @@ import os
 import random
 
 import numpy as np
+import pytest
 import torch
 
+from lavis_point.models.checkpoint import CheckpointError
 from lavis_point.runners.runner_point import RunnerPoint
 from tests.test_resume_validation import Config, Numbers, OneWeight, Recording
 
@@ -70,3 +72,29 @@ def test_a_best_checkpoint_left_in_the_folder_by_an_earlier_run_is_not_tested(tm
     last = weight(os.path.join(r.output_dir, "checkpoint_last.pth"))
     assert last != stale  # else the assertion below could not tell them apart
     assert task.tested[-1] == last
+
+
+# --- resuming from a file that cannot continue this run ------------------------------------------
+
+
+def test_resuming_from_a_weights_only_file_names_it_and_points_to_model_pretrained(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"model": OneWeight().state_dict()}, path)
+    r = runner(tmp_path, "resumed", resume_ckpt_path=str(path))
+    with pytest.raises(CheckpointError) as error:
+        r.train()
+    message = str(error.value)
+    assert str(path) in message and "not a runner checkpoint" in message
+    assert "model.pretrained" in message and "run.resume_ckpt_path" in message
+
+
+def test_resuming_with_other_trainable_parameters_names_the_file(tmp_path):
+    first = train(tmp_path, "first", Recording())
+    path = os.path.join(first.output_dir, "checkpoint_last.pth")
+    model = OneWeight()
+    model.lin.bias.requires_grad_(False)  # as flipping model.freeze_encoder changes what is trained
+    r = runner(tmp_path, "resumed", model=model, resume_ckpt_path=path)
+    with pytest.raises(CheckpointError) as error:
+        r.train()
+    message = str(error.value)
+    assert path in message and "trainable parameters" in message and "model.pretrained" in message

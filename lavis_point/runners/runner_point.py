@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lavis_point.datasets.batched_concat import with_batched_reads
 from lavis_point.models.checkpoint import (
+    CheckpointError,
     load_state_dict_checked,
     read_checkpoint,
     save_checkpoint_atomic,
@@ -213,9 +214,21 @@ class RunnerPoint(RunnerBase):
 
     def _load_checkpoint(self, url_or_filename):
         checkpoint = read_checkpoint(url_or_filename)
+        start_from_weights = ("to start from its weights, set model.pretrained (or model.finetuned) instead of "
+                              "run.resume_ckpt_path")
+        lacking = [key for key in ("model", "optimizer", "epoch") if key not in checkpoint]
+        if lacking:
+            raise CheckpointError(f"{url_or_filename}: not a runner checkpoint (no {', '.join(lacking)}): "
+                                  f"run.resume_ckpt_path continues the run that wrote it; {start_from_weights}")
         model = self.unwrap_dist_model(self.model)
         load_state_dict_checked(model, state_dict_of(checkpoint, url_or_filename), source=url_or_filename)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"{url_or_filename}: its optimizer state does not fit this run: the trainable parameters "
+                f"changed (a model.freeze_* setting, or the model itself) since the run that wrote it ({e}); "
+                f"{start_from_weights}") from e
         if self.scaler and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.start_epoch = checkpoint["epoch"] + 1
