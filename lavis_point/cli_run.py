@@ -22,7 +22,6 @@ from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank, setup_for_distributed
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
-from lavis.runners.runner_base import RunnerBase
 
 
 def parse_args(description):
@@ -61,6 +60,20 @@ def setup_seeds(run_cfg):
     torch.manual_seed(seed)
 
 
+def job_id_of(run_cfg, now=datetime.datetime.now):
+    return str(run_cfg.get("job_id") or now().strftime("%Y%m%d%H%M"))
+
+
+def runner_class_of(name):
+    """The runner registered as ``name`` (run.runner). LAVIS's fallback to RunnerBase for an unknown
+    name is refused: it hid a typo, and RunnerBase needs CUDA and lacks runner_point's checkpoints."""
+    runner_cls = registry.get_runner_class(name)
+    if runner_cls is None:
+        known = sorted(registry.mapping["runner_name_mapping"])
+        raise ValueError(f"run.runner: no runner registered as {name!r}; registered: {known}")
+    return runner_cls
+
+
 def build_runner(description):
     args = parse_args(description)
     cfg = Config(args)
@@ -69,10 +82,10 @@ def build_runner(description):
     setup_seeds(run_cfg)
     setup_logger()
     run_cfg.output_dir = os.path.abspath(run_cfg.get("output_dir", "output"))
-    job_id = str(run_cfg.get("job_id") or datetime.datetime.now().strftime("%Y%m%d%H%M"))
+    job_id = job_id_of(run_cfg)
     cfg.pretty_print()
     task = registry.get_task_class(run_cfg.task).setup_task(cfg=cfg)
     datasets = task.build_datasets(cfg)
     model = task.build_model(cfg)
-    runner_cls = registry.get_runner_class(run_cfg.get("runner", "runner_point")) or RunnerBase
+    runner_cls = runner_class_of(run_cfg.get("runner", "runner_point"))
     return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lavis_point import cli_run
 from lavis_point.models.checkpoint import CheckpointError
 from lavis_point.runners.runner_point import RunnerPoint
 from tests.test_resume_validation import Config, Numbers, OneWeight, Recording
@@ -98,3 +99,13 @@ def test_resuming_with_other_trainable_parameters_names_the_file(tmp_path):
         r.train()
     message = str(error.value)
     assert path in message and "trainable parameters" in message and "model.pretrained" in message
+
+
+# --- cli_run ---------------------------------------------------------------------------------------
+
+
+def test_a_misspelt_runner_is_refused_with_the_registered_names():
+    assert cli_run.runner_class_of("runner_point") is RunnerPoint
+    with pytest.raises(ValueError) as error:
+        cli_run.runner_class_of("runner_piont")
+    assert "runner_piont" in str(error.value) and "runner_point" in str(error.value)
