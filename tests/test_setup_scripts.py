@@ -154,3 +154,27 @@ def test_setup_shows_why_the_final_import_fails(tmp_path):
 def test_setup_says_when_it_has_installed(tmp_path):
     proc = fake_setup(tmp_path, None)
     assert proc.returncode == 0 and "lavis-point installed in .venv" in proc.stdout and not proc.stderr
+
+
+def package_metadata(tmp_path, pyproject_text):
+    """The wheel metadata setuptools (the test environment's) makes of pyproject.toml, and its stderr."""
+    (tmp_path / "pkg" / "lavis_point").mkdir(parents=True)
+    (tmp_path / "pkg" / "pyproject.toml").write_text(pyproject_text)
+    shutil.copy(os.path.join(ROOT, "README.md"), tmp_path / "pkg" / "README.md")
+    (tmp_path / "pkg" / "lavis_point" / "__init__.py").write_text("")
+    code = "from setuptools import build_meta; print(build_meta.prepare_metadata_for_build_wheel('.'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "pkg", capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "pkg" / proc.stdout.strip().splitlines()[-1] / "METADATA") as f:
+        return f.read(), proc.stderr
+
+
+def test_package_metadata_has_an_spdx_license_and_no_deprecation(tmp_path):
+    """license = { text = ... } drew "By 2027-Feb-18 ... your builds will no longer be supported".
+    pip builds with the setuptools>=77 that pyproject.toml asks for; an older one here cannot read it."""
+    pytest.importorskip("setuptools", minversion="77")
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        metadata, stderr = package_metadata(tmp_path, f.read())
+    assert "License-Expression: BSD-3-Clause" in metadata.splitlines()
+    assert "deprecated" not in stderr.lower(), stderr[-3000:]
