@@ -2,4 +2,4 @@
 from lavis_point.cli_run import build_runner
 
 if __name__ == "__main__":
-    build_runner("lavis-point evaluation").evaluate(skip_reload=True)
+    build_runner("lavis-point evaluation", evaluating=True).evaluate(skip_reload=True)

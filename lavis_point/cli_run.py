@@ -5,7 +5,9 @@ LAVIS's ``init_distributed_mode`` calls ``torch.cuda.set_device`` and hard-codes
 gloo on CPU and nccl on GPU and leaves a plain single process alone. A relative ``run.output_dir``
 is taken relative to the working directory (LAVIS would join it with its site-packages folder), and
 ``run.job_id`` names the run folder (default: a timestamp, as in LAVIS), so a stage-2 YAML can name
-the stage-1 checkpoint it starts from.
+the stage-1 checkpoint it starts from. A misspelt ``run.runner``, a validation or test split that no
+dataset builds, and (evaluate.py) an empty ``run.test_splits`` are refused before the model is built:
+LAVIS failed on them late (after training) or not at all.
 """
 import argparse
 import datetime
@@ -81,10 +83,27 @@ def runner_class_of(name):
     return runner_cls
 
 
-def build_runner(description):
+def check_splits_built(run_cfg, datasets, keys):
+    """Every split named under ``keys`` (run.valid_splits, run.test_splits) is built: LAVIS asserts
+    on one that is not only when it reaches it, after an epoch of training or at its very end."""
+    built = sorted({split for splits in datasets.values() for split in splits})
+    for key in keys:
+        missing = [split for split in run_cfg.get(key) or [] if split not in built]
+        if missing:
+            raise ValueError(f"run.{key}: no dataset builds the split(s) {missing} (built: {built})")
+
+
+def build_runner(description, evaluating=False):
+    """``evaluating``: for evaluate.py, which tests run.test_splits and nothing else."""
     args = parse_args(description)
     cfg = Config(args)
     run_cfg = cfg.run_cfg
+    if evaluating and not run_cfg.get("test_splits"):
+        # LAVIS's evaluate does nothing then: the script ended without error, and an older
+        # metrics.json in the run folder looked current
+        raise ValueError(f"run.test_splits is empty: evaluate.py has nothing to evaluate in {args.cfg_path} "
+                         "(name the splits to test, e.g. run.test_splits=[test])")
+    runner_cls = runner_class_of(run_cfg.get("runner", "runner_point"))
     init_distributed(run_cfg)
     setup_seeds(run_cfg)
     setup_logger()
@@ -93,6 +112,6 @@ def build_runner(description):
     cfg.pretty_print()
     task = registry.get_task_class(run_cfg.task).setup_task(cfg=cfg)
     datasets = task.build_datasets(cfg)
+    check_splits_built(run_cfg, datasets, ["test_splits"] if evaluating else ["valid_splits", "test_splits"])
     model = task.build_model(cfg)
-    runner_cls = runner_class_of(run_cfg.get("runner", "runner_point"))
     return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)

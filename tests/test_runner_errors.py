@@ -6,6 +6,8 @@ import datetime
 import multiprocessing
 import os
 import random
+import runpy
+import sys
 import traceback
 
 import numpy as np
@@ -17,6 +19,7 @@ from omegaconf import OmegaConf
 from lavis_point import cli_run
 from lavis_point.models.checkpoint import CheckpointError
 from lavis_point.runners.runner_point import RunnerPoint
+from tests.test_end_to_end import ROOT, SMALL_DATA
 from tests.test_resume_validation import Config, Numbers, OneWeight, Recording
 
 
@@ -144,3 +147,33 @@ def test_ranks_take_rank_0s_default_job_id(tmp_path):
 
 def test_a_set_job_id_is_kept():
     assert cli_run.job_id_of(OmegaConf.create({"job_id": "stage2"})) == "stage2"
+
+
+# --- splits to evaluate ----------------------------------------------------------------------------
+
+
+def script(monkeypatch, name, cfg, out, *options):
+    """train.py / evaluate.py in this process (everything is imported already)."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [name, "--cfg-path", cfg, "--options", f"run.output_dir={out}",
+                                      "run.job_id=job", *SMALL_DATA, *options])
+    runpy.run_path(os.path.join(ROOT, name), run_name="__main__")
+
+
+def test_evaluate_refuses_an_empty_test_splits(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match=r"run.test_splits is empty: evaluate.py has nothing to evaluate"):
+        script(monkeypatch, "evaluate.py", "projects/embedded/caption_eval.yaml", tmp_path, "run.test_splits=[]")
+
+
+def test_evaluate_refuses_a_test_split_no_dataset_builds(monkeypatch, tmp_path):
+    with pytest.raises(ValueError) as error:
+        script(monkeypatch, "evaluate.py", "projects/embedded/caption_eval.yaml", tmp_path, "run.test_splits=[tset]")
+    message = str(error.value)
+    assert "run.test_splits" in message and "['tset']" in message and "'test'" in message
+
+
+def test_train_refuses_a_validation_split_no_dataset_builds_before_training(monkeypatch, tmp_path):
+    """LAVIS asserted on it only after the first epoch's training."""
+    with pytest.raises(ValueError) as error:
+        script(monkeypatch, "train.py", "projects/embedded/stage1.yaml", tmp_path, "run.valid_splits=[vall]")
+    assert "run.valid_splits" in str(error.value) and "['vall']" in str(error.value)
