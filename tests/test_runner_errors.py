@@ -109,6 +109,26 @@ def test_resuming_with_other_trainable_parameters_names_the_file(tmp_path):
     assert path in message and "trainable parameters" in message and "model.pretrained" in message
 
 
+class TwoWeights(OneWeight):
+    def __init__(self):
+        super().__init__()
+        self.extra = torch.nn.Linear(2, 1)  # its weight: (1, 2), in the same optimizer group as lin's (1, 1)
+
+
+def test_resuming_with_as_many_but_other_trainable_parameters_names_the_file(tmp_path):
+    """One weight frozen and another thawed: the counts match, so torch loads the optimizer state into
+    the wrong parameter without complaint, and the first step would fail on the shapes."""
+    model = TwoWeights()
+    model.extra.weight.requires_grad_(False)
+    first = train(tmp_path, "first", Recording(), model=model)
+    path = os.path.join(first.output_dir, "checkpoint_last.pth")
+    model = TwoWeights()
+    model.lin.weight.requires_grad_(False)
+    r = runner(tmp_path, "resumed", model=model, resume_ckpt_path=path)
+    with pytest.raises(CheckpointError, match=r"trainable parameters changed .*\(1, 1\) for \(1, 2\)"):
+        r.train()
+
+
 # --- cli_run ---------------------------------------------------------------------------------------
 
 

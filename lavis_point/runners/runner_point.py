@@ -222,13 +222,19 @@ class RunnerPoint(RunnerBase):
                                   f"run.resume_ckpt_path continues the run that wrote it; {start_from_weights}")
         model = self.unwrap_dist_model(self.model)
         load_state_dict_checked(model, state_dict_of(checkpoint, url_or_filename), source=url_or_filename)
+        changed = (f"{url_or_filename}: its optimizer state does not fit this run: the trainable parameters "
+                   f"changed (a model.freeze_* setting, or the model itself) since the run that wrote it")
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, KeyError) as e:
-            raise CheckpointError(
-                f"{url_or_filename}: its optimizer state does not fit this run: the trainable parameters "
-                f"changed (a model.freeze_* setting, or the model itself) since the run that wrote it ({e}); "
-                f"{start_from_weights}") from e
+            raise CheckpointError(f"{changed} ({e}); {start_from_weights}") from e
+        # torch pairs saved states with parameters by position: as many parameters per group, but other
+        # ones, loads without complaint and fails at the first step
+        misfit = [f"{tuple(v.shape)} for {tuple(p.shape)}" for group in self.optimizer.param_groups
+                  for p in group["params"] for v in self.optimizer.state.get(p, {}).values()
+                  if torch.is_tensor(v) and v.ndim and v.shape != p.shape]
+        if misfit:
+            raise CheckpointError(f"{changed} (state of shape {misfit[0]}); {start_from_weights}")
         if self.scaler and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.start_epoch = checkpoint["epoch"] + 1
