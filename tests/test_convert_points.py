@@ -298,3 +298,69 @@ def test_float16_of_rounds_every_float32_as_numpy_does():
         assert np.array_equal(convert.float16_of(values).view(np.uint16), values.astype(np.float16).view(np.uint16))
     cloud = pf.coloured_cloud(100).astype(np.float32)
     assert np.array_equal(convert.float16_of(cloud[:, :4]), cloud[:, :4].astype(np.float16))  # strided input
+
+
+def test_a_rewrite_interrupted_after_its_shard_is_not_taken_for_the_old_chunk(tmp_path, monkeypatch):
+    """Chunk 0 is rewritten for changed annotations and interrupted between its shard and its record;
+    the annotations are then changed back. The old record must not vouch for the new shard."""
+    folder, out, fresh = tmp_path / "clouds", str(tmp_path / "out"), str(tmp_path / "fresh")
+    folder.mkdir()
+    for i in range(2):
+        np.save(folder / f"obj{i}.npy", pf.coloured_cloud(256, seed=i))
+    annotations = tmp_path / "a.json"
+    original = json.dumps([{"point": f"obj{i}.npy", "caption": "x"} for i in range(2)])
+    annotations.write_text(original)
+    run_convert(str(annotations), str(folder), out, num_points=256, shard_size=1)
+    annotations.write_text(json.dumps([{"point": f"obj{i}.npy", "caption": "x"} for i in (1, 0)]))
+
+    def interrupted(clouds):
+        raise Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(convert, "cloud_statistics", interrupted)  # after the shard is written
+        with pytest.raises(Interrupted):
+            run_convert(str(annotations), str(folder), out, num_points=256, shard_size=1)
+    annotations.write_text(original)
+    run_convert(str(annotations), str(folder), out, num_points=256, shard_size=1)  # chunk 0: unfinished, redone
+    run_convert(str(annotations), str(folder), fresh, num_points=256, shard_size=1)
+    assert_same_conversion(out, fresh)
+
+
+def test_a_dangling_link_or_a_truncated_record_is_one_bad_file_or_one_chunk_again(tmp_path):
+    folder, out = tmp_path / "clouds", str(tmp_path / "out")
+    folder.mkdir()
+    np.save(folder / "obj0.npy", pf.coloured_cloud(256, seed=0))
+    (folder / "obj1.npy").symlink_to(folder / "gone.npy")  # listed by os.walk, not readable
+    annotations = tmp_path / "a.json"
+    annotations.write_text(json.dumps([{"point": f"obj{i}.npy", "caption": "x"} for i in range(2)]))
+    report = run_convert(str(annotations), str(folder), out, num_points=256, shard_size=1)
+    assert report["converted"] == 1 and [b["path"] for b in report["bad_files"]] == ["obj1.npy"]
+    open(os.path.join(out, "train_points_00000.json"), "w").close()  # a crash before the data reached disk
+    report = run_convert(str(annotations), str(folder), out, num_points=256, shard_size=1)
+    assert report["converted"] == 1 and {r["chunk"] for r in report["reconverted"]} == {0, 1}
+    assert "record cannot be read" in report["reconverted"][0]["why"]
+    assert "could not be found" in report["reconverted"][1]["why"]
+
+
+def test_worker_processes_after_torch_ran_in_the_parent_do_not_hang(tmp_path):
+    """float16_of runs torch in forked workers: after a parallel torch op in the parent (a notebook,
+    say) their first parallel op deadlocked. A child process, so that a hang fails instead of waiting."""
+    script = f"""
+import os, sys, numpy as np, torch
+sys.path.insert(0, {ROOT!r})
+from lavis_point.data_io.convert import convert_split
+folder = {str(tmp_path / "clouds")!r}
+os.makedirs(folder)
+entries = []
+for k in range(4):
+    path = os.path.join(folder, f"obj{{k}}.npy")
+    np.save(path, np.random.rand(8192, 6).astype(np.float32))
+    entries.append({{"id": f"obj{{k}}", "path": path, "captions": ["x"]}})
+torch.ones(8192, 6).to(torch.float16)  # a parallel torch op before the pool forks
+report = convert_split(entries, [], folder, {str(tmp_path / "out")!r}, "train", num_points=8192, shard_size=2,
+                       workers=2, progress=False)
+print("converted", report["converted"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0 and "converted 4" in done.stdout, done.stderr[-2000:]

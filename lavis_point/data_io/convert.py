@@ -112,6 +112,10 @@ def _replace_atomically(path, write):
 
 def _write_chunk(out, split, number, clouds, entries, bad, centred, sources):
     name = shard_name(split, number)
+    # The record goes first: a rewrite interrupted between the shard and its record must read as
+    # unfinished, not as the old chunk (whose sources might come back while the shard is new).
+    if os.path.isfile(os.path.join(out, name[:-4] + ".json")):
+        os.remove(os.path.join(out, name[:-4] + ".json"))
     if clouds:
         stacked = np.stack(clouds)
         _replace_atomically(os.path.join(out, name), lambda f: np.save(f, stacked))
@@ -141,8 +145,12 @@ def _sources(chunk, folder):
     """What decides a chunk's clouds: each object's id, file (relative to the folder), size and mtime."""
     listed = []
     for e in chunk:
-        st = os.stat(e["path"])
-        listed.append([e["id"], os.path.relpath(e["path"], folder), st.st_size, st.st_mtime_ns])
+        try:
+            st = os.stat(e["path"])
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # a dangling link, a file gone since: load_for_shard reports it as a bad file
+            size = mtime = None
+        listed.append([e["id"], os.path.relpath(e["path"], folder), size, mtime])
     return listed
 
 
@@ -150,13 +158,18 @@ def _why_redo(record_path, sources):
     """None when the finished chunk at record_path (if any) was made from these sources, else why not."""
     if not os.path.isfile(record_path):
         return "not converted yet"
-    with open(record_path, encoding="utf-8") as f:
-        done = json.load(f).get("sources")
+    try:
+        with open(record_path, encoding="utf-8") as f:
+            done = json.load(f).get("sources")
+    except (OSError, ValueError) as e:  # truncated by a crash, say
+        return f"its record cannot be read ({e})"
     if done is None:
         return "written by an earlier lavis-point, which did not list its files"
     for was, now in zip(done, sources):
         if was[:2] != now[:2]:
             return f"it held {was[0]} ({was[1]}), now {now[0]} ({now[1]}): the annotations changed"
+        if now[2] is None:  # could not be read then (and was a bad file): tried again
+            return f"{now[1]} could not be found when the chunk was converted"
         if was != now:
             return f"{now[1]} changed (size or modification time) since it was converted"
     return None if len(done) == len(sources) else f"it held {len(done)} objects, now {len(sources)}"
@@ -186,7 +199,11 @@ def convert_split(entries, missing, folder, out, split, num_points=8192, shard_s
     todo = [k for k in range(len(chunks)) if why[k]]
     bar = tqdm(total=len(entries), initial=len(entries) - sum(len(chunks[k]) for k in todo), unit="cloud",
                desc=f"converting {split}", disable=not progress)
-    pool = multiprocessing.Pool(workers) if workers > 0 and todo else None
+    # One torch thread per worker: float16_of runs torch, whose default pool of cpu_count threads per
+    # worker oversubscribes the CPU, and whose OpenMP state, forked from a parent that ran a parallel
+    # torch op, deadlocks the worker's first parallel op unless it is single-threaded first.
+    pool = multiprocessing.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) \
+        if workers > 0 and todo else None
     try:
         for k in todo:
             tasks = [(e["path"], e["id"], num_points) for e in chunks[k]]
