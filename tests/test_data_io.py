@@ -69,6 +69,14 @@ def test_npz_xyz_points_take_the_colours_stored_beside_them(tmp_path, points_key
     assert np.array_equal(read_cloud(tmp_path / "a.npz"), cloud)  # not white
 
 
+def test_npz_integer_colours_beside_float_points_are_0_255_however_dark(tmp_path):
+    """Joined to float xyz the colours' integer dtype was lost, and colours of 0 or 1 read as white."""
+    cloud = pf.coloured_cloud(300)
+    dark = np.random.default_rng(0).integers(0, 2, (300, 3)).astype(np.uint8)
+    np.savez(tmp_path / "a.npz", points=cloud[:, :3], colors=dark)
+    assert np.allclose(read_cloud(tmp_path / "a.npz")[:, 3:], dark / 255.0)
+
+
 def test_npz_colours_do_not_override_points_that_have_them_and_must_match_in_length(tmp_path):
     cloud = pf.coloured_cloud(300)
     np.savez(tmp_path / "a.npz", points=cloud, colors=np.zeros((300, 3)))

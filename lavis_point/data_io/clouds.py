@@ -164,6 +164,8 @@ def _npz_cloud(archive) -> np.ndarray:
     if len(colour) != len(points) or colour.ndim != 2 or colour.shape[1] not in (3, 4):
         raise PointCloudError(f"'{key}' holds {len(points)} points but '{colour_key}' is {colour.shape}: expected "
                               f"({len(points)}, 3) colours (or 4 with alpha, or one grey level each)")
+    if colour.dtype.kind in "iu":  # 0-255 however dark: joined to float xyz the dtype would be lost
+        colour = colour / 255.0
     return np.concatenate([points, colour[:, :3]], axis=1)  # alpha (trimesh writes RGBA) dropped
 
 
