@@ -37,6 +37,7 @@ from lavis_point.runners.runner_point import RunnerPoint
 from lavis_point.tasks.base import PointBaseTask
 from tests import point_files as pf
 from tests.small_models import small_stage1, small_stage2
+from tests.two_ranks import run_two_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_POINTS = 64
@@ -222,42 +223,22 @@ def test_the_evaluation_loop_survives_a_batch_of_only_bad_samples(mixed, caplog)
     assert "evaluation: skipped 4 bad samples over all ranks" in caplog.text
 
 
-def _evaluate_as_rank(rank, init_file, entries, out):
-    import torch.distributed as dist
-
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-        data = dataset(entries, train=False)
-        sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
-        loader = DataLoader(data, batch_size=2, sampler=sampler, collate_fn=data.collater)
-        task = _RecordingTask()
-        results = task.evaluation(torch.nn.Linear(1, 1), loader)
-        pathlib.Path(out).write_text(json.dumps({"results": results, "skipped": task.skipped_in_evaluation}))
-        dist.destroy_process_group()
-    except BaseException as e:
-        pathlib.Path(out).write_text(json.dumps({"error": repr(e)}))
-        raise
-
-
 def test_a_bad_item_two_ranks_meet_through_the_samplers_padding_is_counted_once(mixed, tmp_path):
     """3 items on 2 ranks: the DistributedSampler pads rank 1 with item 0 again, which is bad. It is
     one bad sample, so the metrics' num_skipped must say 1 on every rank."""
-    import multiprocessing
-
     entries, _ = mixed
     bad = next(e for e in entries if e["outcome"] != "ok")
     good = [e for e in entries if e["outcome"] == "ok"][:2]
-    ctx = multiprocessing.get_context("fork")  # the ranks start with everything imported
-    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
-    procs = [ctx.Process(target=_evaluate_as_rank, args=(r, tmp_path / "init", [bad] + good, outs[r]))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    reports = [json.loads(out.read_text()) for out in outs]
-    assert all(p.exitcode == 0 for p in procs), reports
+
+    def evaluate(rank):
+        data = dataset([bad] + good, train=False)
+        sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
+        task = _RecordingTask()
+        results = task.evaluation(torch.nn.Linear(1, 1), DataLoader(data, batch_size=2, sampler=sampler,
+                                                                     collate_fn=data.collater))
+        return {"results": results, "skipped": task.skipped_in_evaluation}
+
+    reports = run_two_ranks(evaluate, tmp_path)
     assert sorted(reports[0]["results"] + reports[1]["results"]) == sorted(e["id"] for e in good)
     assert [r["skipped"] for r in reports] == [1, 1]
 

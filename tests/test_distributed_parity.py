@@ -16,8 +16,6 @@ What makes that true, and what the test pins down honestly:
   in train mode, 2 x B equals one process that encodes each half on its own, and differs from plain
   1 x 2B: per-process statistics are the only difference.
 """
-import multiprocessing
-import traceback
 
 import pytest
 import torch
@@ -26,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lavis_point.models import point_qformer
 from tests.small_models import small_stage1
+from tests.two_ranks import run_two_ranks
 
 B = 4
 CAPTIONS = ["a red cube", "a blue sphere", "a green cone", "a small ring",
@@ -95,23 +94,16 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def rank_main(rank, init_file, out):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-        points, captions = batch()
-        mine = slice(rank * B, (rank + 1) * B)
-        result = {}
-        for case in CASES:
-            model = model_for(case)
-            ids = MATCH_IDS[mine] if case == "match_ids" else None
-            losses = one_step(DistributedDataParallel(model), points[mine], captions[mine], ids)
-            result[case] = {"losses": losses, "grads": grads(model)}
-        torch.save(result, out)
-        dist.destroy_process_group()
-    except BaseException:
-        open(f"{out}.error", "w").write(traceback.format_exc())
-        raise
+def every_case_on(rank):
+    points, captions = batch()
+    mine = slice(rank * B, (rank + 1) * B)
+    result = {}
+    for case in CASES:
+        model = model_for(case)
+        ids = MATCH_IDS[mine] if case == "match_ids" else None
+        losses = one_step(DistributedDataParallel(model), points[mine], captions[mine], ids)
+        result[case] = {"losses": losses, "grads": grads(model)}
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +112,7 @@ def two_processes(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(point_qformer, "sample_hard_negatives", next_in_group)  # forked ranks inherit it
     trained_state()  # and these weights
-    # fork: the ranks start with everything imported (seconds, not a minute of imports each)
-    ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=rank_main, args=(r, tmp / "init", tmp / f"rank{r}.pt")) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    errors = [(tmp / f"rank{r}.pt.error") for r in range(2)]
-    assert all(p.exitcode == 0 for p in procs), [e.read_text() for e in errors if e.exists()]
-    yield [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    yield run_two_ranks(every_case_on, tmp, join_timeout_s=300)
     mp.undo()
 
 
@@ -190,35 +173,16 @@ def test_alike_items_on_different_ranks_are_positives_as_in_one_process(two_proc
     assert_parity(two_processes, "match_ids", losses, g)
 
 
-def _step_with_ids_on_one_rank(rank, init_file, out):
-    import datetime
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                                timeout=datetime.timedelta(seconds=30))  # the old code hung on a gather
-        points, captions = batch()
-        mine = slice(rank * B, (rank + 1) * B)
-        # LAVIS's ConcatDataset drops a key some items of a batch lack: one rank's batch may have it
-        ids = MATCH_IDS[mine] if rank == 0 else None
-        losses = one_step(DistributedDataParallel(model_for("match_ids")), points[mine], captions[mine], ids)
-        torch.save(losses, out)
-        dist.destroy_process_group()
-    except BaseException:
-        open(f"{out}.error", "w").write(traceback.format_exc())
-        raise
+def step_with_ids_on_rank_0_only(rank):
+    points, captions = batch()
+    mine = slice(rank * B, (rank + 1) * B)
+    # LAVIS's ConcatDataset drops a key some items of a batch lack: one rank's batch may have it
+    ids = MATCH_IDS[mine] if rank == 0 else None
+    return one_step(DistributedDataParallel(model_for("match_ids")), points[mine], captions[mine], ids)
 
 
 def test_a_step_where_only_one_rank_has_match_ids_runs_the_same_collectives_on_both(tmp_path):
     trained_state()
-    ctx = multiprocessing.get_context("fork")
-    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [ctx.Process(target=_step_with_ids_on_one_rank, args=(r, tmp_path / "init", outs[r])) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    errors = [open(f"{o}.error").read() for o in outs if (tmp_path / f"{o.name}.error").exists()]
-    assert all(p.exitcode == 0 for p in procs), errors
-    for out in outs:
-        losses = torch.load(out, weights_only=True)
+    # a 30 s group timeout: the old code hung on a gather
+    for losses in run_two_ranks(step_with_ids_on_rank_0_only, tmp_path, group_timeout_s=30):
         assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())

@@ -3,17 +3,14 @@ no best checkpoint to test, a resume file that is not a runner checkpoint, a mis
 that name the run folder apart, nothing to evaluate. The runner runs in-process on a one-weight
 model (tests/test_resume_validation.py), so each case takes seconds."""
 import datetime
-import multiprocessing
 import os
 import random
 import runpy
 import sys
-import traceback
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from lavis_point import cli_run
@@ -21,6 +18,7 @@ from lavis_point.models.checkpoint import CheckpointError
 from lavis_point.runners.runner_point import RunnerPoint
 from tests.test_end_to_end import ROOT, SMALL_DATA
 from tests.test_resume_validation import Config, Numbers, OneWeight, Recording
+from tests.two_ranks import run_two_ranks
 
 
 class Scored(Recording):
@@ -139,30 +137,14 @@ def test_a_misspelt_runner_is_refused_with_the_registered_names():
     assert "runner_piont" in str(error.value) and "runner_point" in str(error.value)
 
 
-def _job_id_on_rank(rank, init_file, out):
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-        # rank 1 reads the clock a second later, in the next minute
-        clock = datetime.datetime(2024, 1, 1, 12, 59, 59) + datetime.timedelta(seconds=rank)
-        job_id = cli_run.job_id_of(OmegaConf.create({"job_id": None}), now=lambda: clock)
-        out.write_text(job_id)
-        dist.destroy_process_group()
-    except BaseException:
-        out.with_suffix(".error").write_text(traceback.format_exc())
-        raise
+def _job_id_on_rank(rank):
+    # rank 1 reads the clock a second later, in the next minute
+    clock = datetime.datetime(2024, 1, 1, 12, 59, 59) + datetime.timedelta(seconds=rank)
+    return cli_run.job_id_of(OmegaConf.create({"job_id": None}), now=lambda: clock)
 
 
 def test_ranks_take_rank_0s_default_job_id(tmp_path):
-    ctx = multiprocessing.get_context("fork")  # the ranks start with everything imported
-    outs = [tmp_path / f"rank{r}.txt" for r in range(2)]
-    procs = [ctx.Process(target=_job_id_on_rank, args=(r, tmp_path / "init", outs[r])) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    errors = [o.with_suffix(".error").read_text() for o in outs if o.with_suffix(".error").exists()]
-    assert all(p.exitcode == 0 for p in procs), errors
-    assert [o.read_text() for o in outs] == ["202401011259", "202401011259"]
+    assert run_two_ranks(_job_id_on_rank, tmp_path) == ["202401011259", "202401011259"]
 
 
 def test_a_set_job_id_is_kept():
