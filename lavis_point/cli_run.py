@@ -21,9 +21,11 @@ import torch.distributed as dist
 
 import lavis_point  # noqa: F401  (registers our models, datasets, tasks, runner)
 from lavis.common.config import Config
-from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized, setup_for_distributed
+from lavis.common.dist_utils import get_rank, setup_for_distributed
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
+
+from lavis_point.runners.runner_point import from_main_process
 
 
 def parse_args(description):
@@ -67,10 +69,7 @@ def job_id_of(run_cfg, now=datetime.datetime.now):
     of a minute wrote to two run folders."""
     if run_cfg.get("job_id"):
         return str(run_cfg.job_id)
-    job_id = [now().strftime("%Y%m%d%H%M")]
-    if is_dist_avail_and_initialized():
-        dist.broadcast_object_list(job_id, src=0)
-    return job_id[0]
+    return from_main_process(now().strftime("%Y%m%d%H%M"))
 
 
 def runner_class_of(name):
