@@ -18,6 +18,8 @@ from lavis.common.logger import MetricLogger, SmoothedValue
 from lavis.datasets.data_utils import prepare_sample
 from lavis.tasks.base_task import BaseTask
 
+from lavis_point.tasks.eval_io import all_gather_objects
+
 
 def model_device(model):
     return next(model.parameters()).device
@@ -47,13 +49,11 @@ def report_skipped(failures, when, distinct=False):
     """Log how many samples were skipped over all ranks (and this rank's first reasons); returns the total.
     ``distinct``: count each failure once (evaluation, where a DistributedSampler pads the last ranks
     with the first items again, so two ranks can meet the same bad item; messages name the item)."""
-    total = len(set(failures)) if distinct else len(failures)
-    if is_dist_avail_and_initialized():
-        if distinct:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, sorted(set(failures)))
-            total = len(set().union(*gathered))
-        else:
+    if distinct:
+        total = len(set().union(*all_gather_objects(set(failures))))
+    else:
+        total = len(failures)
+        if is_dist_avail_and_initialized():
             t = torch.tensor([total], dtype=torch.int64, device=collective_device())
             dist.all_reduce(t)
             total = int(t.item())
