@@ -34,10 +34,11 @@ from lavis_point.tasks.ranking_metrics import chance_recall_at_k, recall_at_k
 KS = (1, 5, 10)
 
 
-def retrieval_pairs(dataset, match_by=None, keep=None):
+def retrieval_pairs(dataset, match_by=None, keep=None, references=None):
     """(cloud ids, captions, positives point -> text, positives text -> point); with ``keep`` (ids),
-    only those clouds and their captions (the others' clouds could not be read)."""
-    references = dataset.references  # id -> captions, in annotation order
+    only those clouds and their captions (the others' clouds could not be read). ``references``:
+    ``dataset.references`` when the caller has it already (the property builds the whole dict)."""
+    references = dataset.references if references is None else references  # id -> captions, in order
     ids = [i for i in references if keep is None or i in keep]
     texts, text_cloud = [], []
     for i, cloud_id in enumerate(ids):
@@ -99,8 +100,9 @@ class PointRetrievalTask(PointBaseTask):
             for row, (cloud_id, f) in enumerate(zip(cloud_ids, torch.cat(feats) if feats else ())):
                 if cloud_id not in owner:
                     feats_of[cloud_id], owner[cloud_id], owner_row[cloud_id] = f, rank, row
-        ids, texts, pos_p2t, pos_t2p = retrieval_pairs(self.dataset, self.match_by, keep=owner)
-        missing = len(self.dataset.references) - len(ids)
+        references = self.dataset.references
+        ids, texts, pos_p2t, pos_t2p = retrieval_pairs(self.dataset, self.match_by, keep=owner, references=references)
+        missing = len(references) - len(ids)
         if missing != self.skipped_in_evaluation:
             raise RuntimeError(f"{missing} clouds of the split were not evaluated by any rank, "
                                f"{self.skipped_in_evaluation} of them unreadable")
