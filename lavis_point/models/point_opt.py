@@ -162,9 +162,10 @@ class PointOPT(PointQueryModel):
                        eos_token_id=self.end_token_id, pad_token_id=self.opt_tokenizer.pad_token_id,
                        repetition_penalty=repetition_penalty, length_penalty=length_penalty,
                        num_return_sequences=num_captions, use_cache=use_cache)
+        lengths = [len(ids) for ids in self.opt_tokenizer(prompts).input_ids] if num_beams > 1 else [0] * batch
         groups = {}  # items by prompt length in tokens
-        for i, p in enumerate(prompts):
-            groups.setdefault(len(self.opt_tokenizer(p).input_ids) if num_beams > 1 else 0, []).append(i)
+        for i, n in enumerate(lengths):
+            groups.setdefault(n, []).append(i)
         # Beam search divides a beam's score by its length, left padding included: prompts of unequal
         # length in one call made an answer depend on the other questions of the batch. One call per
         # prompt length (one call in all for captions, whose prompt is one).
