@@ -112,18 +112,16 @@ def _replace_atomically(path, write):
 
 def _write_chunk(out, split, number, clouds, entries, bad, centred, sources):
     name = shard_name(split, number)
-    # The record goes first: a rewrite interrupted between the shard and its record must read as
-    # unfinished, not as the old chunk (whose sources might come back while the shard is new).
-    if os.path.isfile(os.path.join(out, name[:-4] + ".json")):
-        os.remove(os.path.join(out, name[:-4] + ".json"))
+    # An earlier conversion's files of this chunk go, its record first: a rewrite interrupted between
+    # the shard and its record must read as unfinished, not as the old chunk (whose sources might
+    # come back while the shard is new); a chunk with no good cloud now must not keep an old shard.
+    for stale in (name[:-4] + ".json", name, stats_name(name)):
+        if os.path.isfile(os.path.join(out, stale)):
+            os.remove(os.path.join(out, stale))
     if clouds:
         stacked = np.stack(clouds)
         _replace_atomically(os.path.join(out, name), lambda f: np.save(f, stacked))
         _replace_atomically(os.path.join(out, stats_name(name)), lambda f: np.save(f, cloud_statistics(stacked)))
-    else:  # no good cloud (now): a shard left by an earlier conversion of this chunk goes
-        for stale in (name, stats_name(name)):
-            if os.path.isfile(os.path.join(out, stale)):
-                os.remove(os.path.join(out, stale))
     record = json.dumps({"entries": entries, "bad": bad, "centred": centred, "sources": sources}).encode()
     _replace_atomically(os.path.join(out, name[:-4] + ".json"), lambda f: f.write(record))
 
