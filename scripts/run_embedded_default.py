@@ -36,9 +36,8 @@ def signature(path):
 
 def step(name, script, cfg, out, job, options):
     """Run one command, echo its progress lines as they come, stop on failure with its log's tail.
-    Its metrics.json is removed first: evaluation merges into that file, so a step that measured
-    nothing would otherwise leave the previous run's numbers there."""
-    forget(os.path.join(out, job, "metrics.json"))
+    (main() removed its metrics.json first: evaluation merges into that file, so a step that measured
+    nothing would otherwise leave the previous run's numbers there.)"""
     print(f"== {name}: {script} --cfg-path {cfg}", flush=True)
     started = time.time()
     proc = subprocess.Popen([sys.executable, script, "--cfg-path", cfg, "--options", f"run.output_dir={out}",
