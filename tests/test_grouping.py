@@ -79,9 +79,12 @@ def test_kernel_knn_finds_neighbours_of_a_centre_outside_the_cloud():
     assert torch.equal(grouping_kernels.knn(xyz, centres, 10), grouping.reference_knn(xyz, centres, 10))
 
 
-def test_non_finite_coordinates_are_refused():
+@pytest.mark.parametrize("path", ["auto", "torch"])  # torch: what a CUDA tensor takes
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_coordinates_are_refused(monkeypatch, path, bad):
+    monkeypatch.setenv("LAVIS_POINT_GROUPING", path)
     xyz = torch.rand(1, 64, 3)
-    xyz[0, 5, 1] = float("nan")
+    xyz[0, 5, 1] = bad
     with pytest.raises(ValueError, match="NaN or inf"):
         grouping.group_points(xyz, 8, 4)
 

@@ -97,6 +97,8 @@ def group_points(points: torch.Tensor, num_groups: int, group_size: int):
     """points (B, N, C>=3, xyz first) -> neighbourhoods (B, G, k, C) with xyz made relative to
     their centre, and centres (B, G, 3)."""
     xyz = points[..., :3].contiguous()
+    if not torch.isfinite(xyz).all():  # on every path: the torch one (CUDA) would fail obscurely or poison BatchNorm
+        raise ValueError("point coordinates contain NaN or inf: grouping needs finite xyz")
     with torch.no_grad():
         centre_idx = farthest_point_sample(xyz, num_groups)
         centres = torch.gather(xyz, 1, centre_idx.unsqueeze(-1).expand(-1, -1, 3))
