@@ -117,3 +117,49 @@ def test_a_checkpoint_without_the_frozen_encoder_is_refused_when_nothing_else_ga
         fresh.load_checkpoint(str(tmp_path / "no_encoder.pth"))
     assert "point_encoder" not in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trained.state_dict().values()))
+
+
+def lavis_runner_state(model):
+    """What LAVIS's RunnerBase._save_checkpoint keeps: every buffer, and only parameters that train."""
+    trains = {name for name, p in model.named_parameters() if p.requires_grad}
+    params = {name for name, _ in model.named_parameters()}
+    return {k: v for k, v in model.state_dict().items() if k in trains or k not in params}
+
+
+@pytest.mark.parametrize("make", [small_stage1, small_stage2])
+def test_a_lavis_runner_file_with_only_the_frozen_encoders_buffers_is_refused(tmp_path, make):
+    """The frozen encoder's BatchNorm buffers in the file are not its weights: loading must stop, as for a
+    file without any encoder key, rather than evaluate a random encoder."""
+    state = lavis_runner_state(make(freeze_encoder=True))
+    assert any(k.startswith("point_encoder.") for k in state)  # buffers: running means and variances
+    torch.save({"model": state}, tmp_path / "lavis.pth")
+    with pytest.raises(CheckpointError, match="holds no point_encoder weights"):
+        make(freeze_encoder=True).load_checkpoint(str(tmp_path / "lavis.pth"))
+
+
+def test_an_encoder_file_missing_blocks_is_refused_even_when_the_encoder_is_frozen(tmp_path):
+    state = small_stage1().point_encoder.state_dict()
+    cut = {k: v for k, v in state.items() if not k.startswith("blocks.blocks.0.")}
+    assert len(cut) < len(state)
+    torch.save(cut, tmp_path / "encoder.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys .*blocks\.blocks\.0\."):
+        small_stage1(freeze_encoder=True).point_encoder.load_checkpoint(str(tmp_path / "encoder.pth"))
+
+
+def test_a_frozen_part_is_in_a_file_whole_or_not_at_all(tmp_path):
+    model = small_stage1(freeze_encoder=True)
+    state = model.state_dict()
+    del state["point_encoder.norm.weight"]  # the rest of the frozen encoder is there
+    torch.save(state, tmp_path / "ck.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): \['point_encoder.norm.weight'\]"):
+        small_stage1(freeze_encoder=True).load_checkpoint(str(tmp_path / "ck.pth"))
+
+
+def test_freezing_a_model_by_hand_does_not_make_its_trained_parts_optional(tmp_path):
+    """What may be absent is what the config freezes, not what requires_grad says at load time: a stage-1
+    file into a stage-2 model frozen for inference would leave opt_proj random."""
+    stage1 = small_stage1()
+    torch.save(stage1.state_dict(), tmp_path / "stage1.pth")
+    model = small_stage2().requires_grad_(False)
+    with pytest.raises(CheckpointError, match=r"missing keys .*opt_proj\."):
+        model.load_checkpoint(str(tmp_path / "stage1.pth"))

@@ -3,7 +3,9 @@
 - Files are read with ``torch.load(weights_only=True)``: a checkpoint cannot run code when read.
 - A state dict may sit bare, under ``"model"`` or ``"state_dict"``, with or without ``module.``.
 - Keys of *frozen* top-level parts (a frozen encoder, a frozen OPT) may be absent: runner checkpoints
-  leave them out. They are reported, never required.
+  leave them out. They are reported, never required. A part is absent whole or present whole: a file
+  holding any of its parameters must hold all its keys (LAVIS's runner keeps a frozen part's buffers
+  only: that part counts as absent).
 - Keys a model declares ignorable (regexes: stage-1 heads when stage 2 starts from a stage-1 file,
   an image encoder in a BLIP-2 file) are reported and skipped.
 - Keys a model declares optional for a load (what stage 2 adds to a stage-1 file) may be absent.
@@ -70,7 +72,11 @@ def select_prefix(state_dict: dict, prefix: str) -> dict:
 
 
 def frozen_prefixes(model: torch.nn.Module) -> list:
-    """Top-level children whose parameters are all frozen: runner checkpoints leave them out."""
+    """Top-level parts that are frozen, which runner checkpoints leave out: those the model's
+    ``frozen_parts()`` names where it has one (ours: what its config freezes, so freezing a model by
+    hand for inference makes no trained part optional), else children whose parameters are all frozen."""
+    if hasattr(model, "frozen_parts"):
+        return [name + "." for name in model.frozen_parts()]
     out = []
     for name, child in model.named_children():
         params = list(child.parameters())
@@ -107,9 +113,14 @@ def _tied_disagreements(model, state_dict):
     return disagreeing
 
 
-def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), ignore_patterns=()):
-    """Load ``state_dict`` into ``model`` under the contract above; returns a summary dict."""
-    optional = tuple(optional_prefixes) + tuple(frozen_prefixes(model))
+def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), ignore_patterns=(),
+                            frozen_may_be_absent=True):
+    """Load ``state_dict`` into ``model`` under the contract above; returns a summary dict.
+    ``frozen_may_be_absent=False``: every key is required, frozen or not (a file made for this module)."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    absent_parts = [part for part in (frozen_prefixes(model) if frozen_may_be_absent else ())
+                    if not any(k.startswith(part) and k in params for k in state_dict)]
+    optional = tuple(optional_prefixes) + tuple(absent_parts)
     ignore = [re.compile(p) for p in ignore_patterns]
     own = model.state_dict()
     ignored, unexpected = _partition((k for k in state_dict if k not in own),

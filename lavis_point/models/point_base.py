@@ -117,6 +117,10 @@ class PointQueryModel(BaseModel):
         queries = self.query_tokens.expand(len(point_tokens), -1, -1)
         return self.Qformer(query_embeds=queries, points=point_tokens)
 
+    def frozen_parts(self):
+        """Top-level parts the config freezes (checkpoint.py: runner checkpoints leave them out)."""
+        return ["point_encoder"] if self.freeze_encoder else []
+
     def load_checkpoint(self, url_or_filename, pretrained=False):
         """Our checkpoints, GPT4Point's and (stage 1) BLIP-2's, under the contract in checkpoint.py.
         ``pretrained``: the file is an earlier stage, so the parts this stage adds may be absent."""
@@ -126,7 +130,7 @@ class PointQueryModel(BaseModel):
             self, state, source=url_or_filename, ignore_patterns=self.IGNORABLE_KEYS,
             optional_prefixes=self.PRETRAINED_OPTIONAL if pretrained else (),
         )
-        if any(k.startswith("point_encoder.") for k in state):
+        if any("point_encoder." + name in state for name, _ in self.point_encoder.named_parameters()):
             self.point_encoder.weights_from = url_or_filename
         elif self.point_encoder.weights_from is None:  # a frozen encoder may be absent: from where, then?
             problem = (f"{url_or_filename} holds no point_encoder weights and none were loaded before it (set "

@@ -161,6 +161,6 @@ class PointBertEncoder(BaseModel):
         with or without a ``module.`` / ``point_encoder.`` prefix (so a whole stage-1 file works)."""
         state = state_dict_of(read_checkpoint(url_or_filename), url_or_filename)
         state = select_prefix(state, "point_encoder.")
-        summary = load_state_dict_checked(self, state, source=url_or_filename)
+        summary = load_state_dict_checked(self, state, source=url_or_filename, frozen_may_be_absent=False)
         self.weights_from = url_or_filename
         return summary

@@ -115,6 +115,9 @@ class PointOPT(PointQueryModel):
             self.opt_model.eval()
         return self
 
+    def frozen_parts(self):
+        return super().frozen_parts() + (["opt_model"] if self.freeze_opt else [])
+
     def prefix_embeds(self, points):
         """(B, N, 6) -> OPT prefix embeddings (B, Q, D_opt)."""
         return self.opt_proj(self.query_outputs(self.encode_point_tokens(points)))
