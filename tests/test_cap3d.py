@@ -123,6 +123,27 @@ def test_both_sources_honour_the_prompt_and_match_by_options(cap3d_root, source,
         build(cfg)
 
 
+def test_a_hand_written_shard_index_is_read_as_the_cap3d_files_are(cap3d_root, tmp_path):
+    """source: shards over an index written by hand, not by convert_points: integer ids (a tensor in the
+    batch: LAVIS's save_result failed after generation), a lone 'captions' string (trained on letters),
+    one row per caption (references kept the last row's only) and one id for two clouds (scored against
+    another cloud's references) are read as read_annotations reads them, or refused."""
+    (tmp_path / "shards").mkdir()
+    for name in ("test_points_00000.npy", "test_points_00000_stats.npy"):
+        (tmp_path / "shards" / name).write_bytes((cap3d_root / "shards" / name).read_bytes())
+    rows = [{"id": 10, "shard": "test_points_00000.npy", "index": 0, "captions": "a red chair"},
+            {"id": 11, "shard": "test_points_00000.npy", "index": 1, "caption": "a blue lamp"},
+            {"id": 11, "shard": "test_points_00000.npy", "index": 1, "caption": "a lamp"}]
+    (tmp_path / "shards" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test = build(config(root=str(tmp_path), source="shards", splits=["test"]))["test"]
+    assert test.references == {"10": ["a red chair"], "11": ["a blue lamp", "a lamp"]}
+    assert test.collater([test[0], test[1]])["instance_id"] == ["10", "11"]
+    rows.append({**rows[0], "index": 1})
+    (tmp_path / "shards" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"test\.jsonl: id '10' on lines 1 and 4 names two different clouds"):
+        build(config(root=str(tmp_path), source="shards", splits=["test"]))
+
+
 def test_an_unknown_source_is_refused(cap3d_root):
     with pytest.raises(ValueError, match="source: expected 'shards' or 'files'"):
         build(config(root=str(cap3d_root), source="tar"))

@@ -27,22 +27,67 @@ def caption_dataset(builder, points, annotations, split, source, vocabularies=No
     return dataset
 
 
+def read_index(path, sharded):
+    """A shard index's entries, one per cloud, checked as they are read (errors name the file and the
+    line): each needs ``id``, ``index`` (the cloud's row) and ``caption`` or ``captions``, and with
+    numbered shards (``sharded``) ``shard``. Ids become strings (ints would reach the batch as a tensor);
+    a lone ``captions`` string is one caption. Rows with one id and one cloud (LAVIS's one row per
+    caption) become one entry with all their captions, in file order; one id for two clouds is an error."""
+    entries, seen = {}, {}  # id -> entry; id -> (line, cloud)
+    for line, row in read_jsonl(path, line_numbers=True):
+        where = f"{path}:{line}: index entry"
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        required = ["id", "index"] + (["shard"] if sharded else [])
+        missing = [k for k in required if row.get(k) in (None, "")]
+        if missing:
+            raise ValueError(f"{where}: no '{missing[0]}'" + (" (the numbered shard file holding the cloud)"
+                                                                if missing[0] == "shard" else ""))
+        index = row["index"]
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"{where}: 'index' must be the cloud's row (an integer >= 0), got {index!r}")
+        if sharded and not isinstance(row["shard"], str):
+            raise ValueError(f"{where}: 'shard' must be a file name, got {row['shard']!r}")
+        captions = row.get("captions") or ([row["caption"]] if "caption" in row else None)
+        if captions is None:
+            raise ValueError(f"{where}: no caption ('caption', or a non-empty 'captions')")
+        captions = list(captions) if isinstance(captions, list) else [captions]  # one string: one caption
+        uid, cloud = str(row["id"]), (row["shard"] if sharded else None, index)
+        if uid not in entries:
+            entries[uid], seen[uid] = {**{k: v for k, v in row.items() if k != "caption"}, "id": uid,
+                                       "captions": captions}, (line, cloud)
+        elif seen[uid][1] == cloud:
+            entries[uid]["captions"] += captions
+        else:
+            first, other = seen[uid]
+            raise ValueError(f"{path}: id {uid!r} on lines {first} and {line} names two different clouds "
+                             f"({describe_cloud(other)} and {describe_cloud(cloud)}); an id must name one cloud")
+    return list(entries.values())
+
+
+def describe_cloud(cloud):
+    shard, index = cloud
+    return f"{shard}[{index}]" if shard else f"row {index}"
+
+
 def shard_datasets(builder, folder, splits, vocabularies=None):
     """Datasets over a folder of shards: ``{split}.jsonl`` (one entry per cloud: id, where its row is,
-    caption or captions) and either ``{split}_points.npy`` ((n, P, 6), memory-mapped) or the numbered
-    shards scripts/convert_points.py writes (data_io/shards.py)."""
+    caption or captions; ``read_index``) and either ``{split}_points.npy`` ((n, P, 6), memory-mapped) or
+    the numbered shards scripts/convert_points.py writes (data_io/shards.py)."""
     datasets = {}
     for split in splits:
         points_path = os.path.join(folder, f"{split}_points.npy")
         index_path = os.path.join(folder, f"{split}.jsonl")
-        if os.path.isfile(points_path):
+        sharded = not os.path.isfile(points_path)
+        if not sharded:
             points = np.load(points_path, mmap_mode="r", allow_pickle=False)
         elif os.path.isfile(index_path):
             points = ShardedClouds(folder, split)
         else:
             raise FileNotFoundError(f"{points_path}: no point shard for split '{split}' (nor an index "
                                     f"{split}.jsonl of numbered shards)")
-        datasets[split] = caption_dataset(builder, points, read_jsonl(index_path), split, index_path, vocabularies)
+        datasets[split] = caption_dataset(builder, points, read_index(index_path, sharded), split, index_path,
+                                          vocabularies)
     return datasets
 
 

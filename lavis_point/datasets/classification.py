@@ -1,7 +1,8 @@
 """Point classification sets for zero-shot evaluation: items ``{"point", "label", "instance_id"}``,
 ``classnames[label]`` the class's name. Readers for the formats users have:
 
-- ModelNet40 as h5 files (``ply_data_{split}*.h5``: ``data`` (n, P, 3|6), ``label`` (n,) or (n, 1)),
+- ModelNet40 as h5 files (``ply_data_{split}*.h5``: ``data`` (n, P, 3|6: xyz, or xyz and normals, which
+  are dropped), ``label`` (n,) or (n, 1)),
   with the class list ``shape_names.txt`` and optionally ``{split}_files.txt`` naming the files;
 - ModelNet40 as folders of clouds (.npy / .txt, one per object): either the list files
   ``modelnet40_{split}.txt`` (``airplane_0627`` -> ``airplane/airplane_0627.txt``) or
@@ -101,7 +102,7 @@ def read_classnames(root, candidates=("shape_names.txt", "modelnet40_shape_names
 
 
 def modelnet40_h5(root, split):
-    """(clouds (n, P, C) array, labels, ids, classnames) from ModelNet40's h5 files."""
+    """(clouds (n, P, 3) array: xyz only, labels, ids, classnames) from ModelNet40's h5 files."""
     import h5py
 
     classnames = read_classnames(root)
@@ -128,7 +129,7 @@ def modelnet40_h5(root, split):
         if data.ndim != 3 or data.shape[2] not in (3, 6) or len(data) != len(label):
             raise ValueError(f"{path}: expected 'data' (n, P, 3 or 6) and n labels, got {data.shape} and "
                              f"{label.shape}")
-        clouds.append(data)
+        clouds.append(data[:, :, :3])  # columns 4-6, where present, are normals, not colours: white, as folders
         labels.append(label.astype(np.int64))
     clouds, labels = np.concatenate(clouds), np.concatenate(labels)
     ids = [f"{split}_{i:05d}" for i in range(len(labels))]

@@ -15,7 +15,9 @@ from lavis_point.datasets.bad_samples import BAD_SAMPLE_ERRORS, collate_counting
 from lavis_point.datasets.batching import batch_tensor, collate
 
 
-def read_jsonl(path):
+def read_jsonl(path, line_numbers=False):
+    """The objects of a JSON Lines file (blank lines skipped); with ``line_numbers``, (line number, object)
+    pairs, for messages."""
     rows = []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
@@ -25,9 +27,10 @@ def read_jsonl(path):
                 raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{line_no}: malformed JSON line: {e}") from e
+                rows.append((line_no, row) if line_numbers else row)
     return rows
 
 
