@@ -1,6 +1,7 @@
 """Point-text retrieval: recall@K and its chance level, positives by instance or by attributes,
 matching-head re-ranking of the top k_test, and the task through evaluate.py in one process and
 under torchrun (every cloud and caption counted once)."""
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,6 +26,13 @@ def test_recall_counts_a_query_right_when_a_positive_is_in_the_top_k():
 def test_ties_count_against_the_query():
     """A model that scores everything alike must not look perfect."""
     assert recall_at_k(np.zeros((4, 4)), [[i] for i in range(4)], ks=(1, 4)) == {1: 0.0, 4: 1.0}
+
+
+def test_nan_scores_rank_last():
+    """A diverged model (NaN everywhere) misses every query; a NaN candidate never beats a real score."""
+    assert recall_at_k(np.full((4, 4), np.nan), [[i] for i in range(4)], ks=(1, 4)) == {1: 0.0, 4: 1.0}
+    scores = np.array([[np.nan, 0.2, 0.1], [0.1, np.nan, 0.5], [0.3, 0.1, 0.2]])
+    assert recall_at_k(scores, [[0], [2], [0]], ks=(1, 2)) == {1: 2 / 3, 2: 2 / 3}  # query 0's positive is NaN
 
 
 def test_chance_level_of_one_positive_among_n_is_k_over_n():
@@ -100,6 +108,25 @@ def test_matching_head_reranks_the_top_k_and_cannot_promote_what_lies_outside():
     outside = run_task(sim, itm, k_test=1)  # the right caption is not in the top 1: not re-scored
     assert outside["point_to_text_r1"] == 0.0
     assert reranked["point_to_text_r1_chance"] == pytest.approx(1 / 3)
+
+
+def test_a_diverged_model_scores_no_hit_and_the_task_says_how_many_scores_are_not_finite(caplog):
+    nan = np.full((3, 3), np.nan)
+    with caplog.at_level(logging.WARNING):
+        metrics = run_task(nan, nan, k_test=3)
+    assert all(metrics[f"{d}_r{k}{kind}"] == 0.0 for d in ("point_to_text", "text_to_point") for k in (1,)
+               for kind in ("", "_itc"))
+    assert "9 of 9 contrastive similarities and 9 of 9 re-ranked scores are not finite" in caplog.text
+
+
+def test_a_k_test_below_the_largest_k_is_named_in_a_warning(caplog):
+    sim = [[0.5, 0.9, 0.1], [0.1, 0.5, 0.9], [0.9, 0.1, 0.5]]
+    with caplog.at_level(logging.WARNING):
+        run_task(sim, np.zeros((3, 3)), k_test=10)
+    assert "run.k_test" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        run_task(sim, np.zeros((3, 3)), k_test=2)
+    assert "run.k_test=2 is below the largest K (10)" in caplog.text
 
 
 def test_unreadable_clouds_are_dropped_with_their_captions_and_counted():

@@ -202,6 +202,22 @@ def test_zeroshot_evaluation_scores_the_clouds_that_are_readable(tmp_path, monke
     assert "evaluation: skipped 1 bad samples" in caplog.text and "u2.npy" in caplog.text
 
 
+def test_zeroshot_evaluation_with_no_readable_cloud_is_an_error_not_nan_metrics(tmp_path, monkeypatch):
+    (tmp_path / "points").mkdir()
+    for uid in ("u1", "u2"):
+        np.save(tmp_path / "points" / f"{uid}.npy", np.full((30, 6), np.nan, dtype=np.float32))
+    (tmp_path / "lvis.json").write_text(json.dumps({"u1": "apple", "u2": "banana"}))
+    test = build("objaverse_lvis", annotations=str(tmp_path / "lvis.json"), points_dir=str(tmp_path / "points"))["test"]
+    for name in ("result_dir", "output_dir"):
+        monkeypatch.setitem(registry.mapping["paths"], name, str(tmp_path))
+    task, model = PointZeroShotClassificationTask(templates=["a {}"], top_k=1), SaysApple(["apple", "banana"])
+    task.before_evaluation(model, test)
+    results = task.evaluation(model, DataLoader(test, batch_size=2, collate_fn=test.collater))
+    with pytest.raises(RuntimeError, match="no cloud of the split could be read \\(2 unreadable"):
+        task.after_evaluation(results, "test", 0)
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def test_objaverse_lvis_without_any_cloud_file_says_so(tmp_path):
     (tmp_path / "lvis.json").write_text(json.dumps({"u1": "apple"}))
     with pytest.raises(FileNotFoundError, match="none of the 1 objects"):

@@ -1,29 +1,29 @@
-"""Short-answer metrics for point QA: answers are normalised as in the VQA evaluation (lower case,
-punctuation and articles dropped, number words as digits; a point before a digit is kept as a
-decimal point (".5" is not "5"), a comma between digits dropped: "1,000" is "1000"), then compared.
+"""Short-answer metrics for point QA, as the official VQA evaluation computes them (LAVIS's
+``VQAEval``, whose normalisation we call): answers are normalised (punctuation dropped, except a
+point before a digit, a decimal point: ".5" is not "5", and a comma between digits: "1,000" is
+"1000"; lower case; number words as digits; articles dropped; "dont" as "don't" and the other
+contractions), then compared.
 
 ``exact_match``: the prediction equals one of the reference answers.
-``vqa_accuracy``: min(1, matches / min(3, #references)): the VQA rule (an answer is fully right when
-at least 3 annotators gave it) for 10-answer data; with fewer references the threshold shrinks to
-their number, so one reference gives exact match instead of a cap at 1/3. (The official VQA script
-also averages over the 10 leave-one-out subsets; with 10 references the two differ only slightly.)
+``vqa_accuracy``: the official VQA accuracy: for each human answer left out in turn,
+min(1, matches among the others / 3), averaged. Equal to the official value with four or more
+answers (VQA has ten). The official rule scores a question with one answer 0 whatever the prediction
+(no other answer to match), and caps two or three agreeing answers at 1/3 or 2/3; so the threshold is
+min(3, answers left in): one answer gives exact match, and a unanimous answer always scores 1.
+References are normalised as predictions are (VQA's annotations come normalised already; ours do not).
 """
-import re
 from collections import defaultdict
 
-_ARTICLES = {"a", "an", "the"}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
-_PERIOD = re.compile(r"\.(?!\d)")  # a full stop ("4." too), not a decimal point ("3.5", ".5")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d)")  # "1,000" is 1000, not two words
+from lavis.common.vqa_tools.vqa_eval import VQAEval
+
+# Only its normalisation is used. (processDigitArticle adds each word it meets to its number map,
+# mapped to itself: the map grows with the answers' vocabulary, nothing else changes.)
+_VQA = VQAEval()
 
 
 def normalize_answer(text):
-    text = _THOUSANDS.sub("", str(text).lower().replace("\n", " "))
-    text = _PERIOD.sub("", _PUNCTUATION.sub(" ", text))
-    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
-    return " ".join(words)
+    text = " ".join(str(text).split())  # newlines and tabs, as VQAEval.evaluate does before normalising
+    return _VQA.processDigitArticle(_VQA.processPunctuation(text))
 
 
 def exact_match(prediction, references):
@@ -34,8 +34,12 @@ def vqa_accuracy(prediction, references):
     if not references:
         raise ValueError("a question needs at least one reference answer")
     pred = normalize_answer(prediction)
-    matches = sum(normalize_answer(r) == pred for r in references)
-    return min(1.0, matches / min(3, len(references)))
+    matches = [normalize_answer(r) == pred for r in references]
+    if len(matches) == 1:
+        return float(matches[0])
+    others = len(matches) - 1
+    total = sum(matches)
+    return sum(min(1.0, (total - m) / min(3, others)) for m in matches) / len(matches)
 
 
 def answer_metrics(predictions, references, question_types=None):

@@ -9,10 +9,22 @@ from lavis.common.registry import registry
 from lavis_point.tasks.base import PointBaseTask
 
 
+def raw_references(dataset):
+    """id -> the reference captions as the annotations wrote them (those the dataset can use). The
+    dataset's ``references`` are the eval text processor's output, the model's input (BLIP's turns
+    "A 3.5 m tall lamp (brass)." into "a 3 5 m tall lamp brass" and cuts to max_words); metrics score
+    against the ground truth itself, which the PTB tokenizer normalises, as in LAVIS's COCO evaluation.
+    A dataset without annotations gives its ``references`` as they are."""
+    if not (hasattr(dataset, "annotations") and hasattr(dataset, "captions_of")):
+        return dataset.references
+    return {ann["id"]: [c for c in dataset.captions_of(ann) if dataset.processed(c)] for ann in dataset.annotations}
+
+
 @registry.register_task("point_captioning")
 class PointCaptioningTask(PointBaseTask):
     """Metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap; SPICE with ``spice: true``),
-    Sentence-BERT cosine, and attribute accuracy where the dataset has attributes (the embedded set).
+    Sentence-BERT cosine, and attribute accuracy where the dataset has attributes (the embedded set),
+    against the annotations' captions as written; ``num_skipped``: clouds that could not be read.
     ``agg_metrics`` (what LAVIS's runner keeps the best checkpoint by) is CIDEr."""
 
     def __init__(self, num_beams=5, max_len=30, min_len=1, repetition_penalty=1.0, spice=False, report_metric=True):
@@ -43,6 +55,7 @@ class PointCaptioningTask(PointBaseTask):
         if not (self.report_metric and is_main_process()):
             return {"agg_metrics": 0.0} if is_main_process() else None
         metrics = self.score(result_file, split_name)
+        metrics["num_skipped"] = self.skipped_in_evaluation  # clouds that could not be read
         logging.info("%s metrics: %s", split_name, json.dumps(metrics))
         path = os.path.join(registry.get_path("output_dir"), "metrics.json")
         everything = json.load(open(path)) if os.path.isfile(path) else {}
@@ -56,7 +69,7 @@ class PointCaptioningTask(PointBaseTask):
 
         with open(result_file) as f:
             predictions = {r["image_id"]: r["caption"] for r in json.load(f)}
-        references = self.dataset.references
+        references = raw_references(self.dataset)
         attributes = getattr(self.dataset, "attributes", None)
         vocabularies = getattr(self.dataset, "vocabularies", None)
         if attributes and not vocabularies:

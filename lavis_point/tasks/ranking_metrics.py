@@ -7,8 +7,10 @@ import numpy as np
 
 def first_positive_rank(scores, positives):
     """0-based rank of the best-ranked positive candidate of each query.
-    ``positives[q]``: the candidate indices that are right answers for query q (at least one)."""
-    scores = np.asarray(scores)
+    ``positives[q]``: the candidate indices that are right answers for query q (at least one).
+    A NaN score ranks last (a diverged model must not look perfect: NaN compares false to everything)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.where(np.isnan(scores), -np.inf, scores)
     ranks = np.empty(len(scores), dtype=np.int64)
     for q, row in enumerate(scores):
         if not len(positives[q]):

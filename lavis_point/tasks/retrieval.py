@@ -4,7 +4,9 @@ point-caption dataset, as BLIP-2 evaluates image-text retrieval.
 1. Contrastive similarity of every cloud with every caption (the best query's cosine, stage 1's
    ``point_text_similarity``).
 2. For each query, its ``k_test`` most similar candidates are re-scored with the matching head
-   (logit of "matches") added to their similarity; the others stay below every re-scored one.
+   (logit of "matches") added to their similarity; the others stay below every re-scored one, so
+   re-ranked R@K for K > k_test is R@k_test (a warning says so). A NaN score ranks last (a miss);
+   a warning counts the scores that are not finite.
 
 Under torchrun each rank encodes its share of the clouds; the small projected features are gathered
 so every rank holds the full similarity matrix, while the large point tokens the matching head needs
@@ -79,6 +81,10 @@ class PointRetrievalTask(PointBaseTask):
         self.dataset = dataset
 
     def evaluation(self, model, data_loader, cuda_enabled=None):
+        if self.k_test < max(KS):
+            logging.warning("run.k_test=%d is below the largest K (%d): re-ranked recall@K for K > %d is capped "
+                            "at recall@%d (a candidate outside a query's top k_test is never re-scored)",
+                            self.k_test, max(KS), self.k_test, self.k_test)
         device = model_device(model)
         # This rank's clouds: features for everyone, point tokens kept here for the matching head.
         # A cloud that cannot be read is dropped with its captions, counted (num_skipped).
@@ -139,10 +145,15 @@ class PointRetrievalTask(PointBaseTask):
         below = torch.tensor(-float("inf"))
         p2t = torch.where(in_top_p2t & (done > 0), reranked, below)[:, column]  # (P, T)
         t2p = torch.where(in_top_t2p & (done > 0), reranked, below).t()[column]  # (T, P)
-        sim = sim[:, column]
+        sim, rescored = sim[:, column], reranked[:, column][done[:, column] > 0]
 
         if not is_main_process():
             return None
+        bad_sim, bad_rescored = int((~torch.isfinite(sim)).sum()), int((~torch.isfinite(rescored)).sum())
+        if bad_sim or bad_rescored:
+            logging.warning("retrieval: %d of %d contrastive similarities and %d of %d re-ranked scores are not "
+                            "finite (a diverged model?); NaN ranks last, as a miss", bad_sim, sim.numel(),
+                            bad_rescored, rescored.numel())
         metrics = {"num_points": len(ids), "num_texts": len(texts), "k_test": self.k_test,
                    "num_skipped": self.skipped_in_evaluation}
         for name, scores, itc, positives, candidates in (

@@ -61,6 +61,9 @@ class PointZeroShotClassificationTask(PointBaseTask):
             return None
         with open(result_file) as f:
             results = json.load(f)
+        if not results:  # metrics of nothing would be NaN, which metrics.json cannot hold
+            raise RuntimeError(f"{split_name}: no cloud of the split could be read ({self.skipped_in_evaluation} "
+                               f"unreadable, {self.num_skipped} without a cloud file; see the warnings)")
         labels = [r["label"] for r in results]
         metrics = {
             "top1_accuracy": topk_accuracy([r["top_k"] for r in results], labels, 1),
