@@ -147,7 +147,7 @@ def test_embedded_qa_training_items_carry_the_prompt_and_fit_the_tiny_lm(tmp_pat
 
 def test_captions_and_questions_mix_in_one_stage2_batch(tmp_path):
     """LAVIS's ConcatDataset keeps only keys every item has: captions carry their prompt (the
-    caption set's ``prompt`` option) so the QA items keep theirs."""
+    caption set's ``prompt`` option, else None: the model's prompt) so the QA items keep theirs."""
     common = dict(root=str(tmp_path), sizes=SMALL, num_points=1024)
     caption_cfg = builder_config("shapes_point_caption", **common)
     caption_cfg.prompt = "a 3D point cloud of "
@@ -159,10 +159,20 @@ def test_captions_and_questions_mix_in_one_stage2_batch(tmp_path):
     assert batch["text_input"][1] in ATTRIBUTE_WORDS and batch["text_input"][0] not in ATTRIBUTE_WORDS
     loss = small_stage2()(batch)["loss"]
     assert torch.isfinite(loss)
-    caption_cfg.prompt = None
+    caption_cfg.prompt = None  # no prompt on the caption set: its items take the model's
     without = registry.get_builder_class("shapes_point_caption")(caption_cfg).build_datasets()["train"]
-    dropped = ConcatDataset([without, questions]).collater([without[0], questions[0]])
-    assert "prompt" not in dropped  # why the caption set needs the option when mixed
+    kept = ConcatDataset([without, questions]).collater([without[0], questions[0]])
+    assert kept["prompt"][0] is None and kept["prompt"][1].startswith("Question: ")  # questions kept
+    model = small_stage2().eval()
+    torch.manual_seed(0)
+    implicit = model(kept)["loss"]
+    torch.manual_seed(0)
+    explicit = model({**kept, "prompt": [model.prompt, kept["prompt"][1]]})["loss"]
+    assert torch.equal(implicit, explicit)
+    torch.manual_seed(0)
+    generated = model.generate({**kept, "prompt": [None, None]}, max_length=4)
+    torch.manual_seed(0)
+    assert generated == model.generate({"point": kept["point"]}, max_length=4)
 
 
 @pytest.fixture(scope="module")

@@ -57,12 +57,13 @@ def whole_of(rows):
 
 def collate(samples):
     """default_collate for a list of dict items, except that a key whose values are the rows of one
-    tensor (a batch ``__getitems__`` made) gets that tensor back instead of a stacked copy."""
+    tensor (a batch ``__getitems__`` made) gets that tensor back instead of a stacked copy, and a key
+    with a None among its values (a prompt: "the model's") stays a list."""
     if not isinstance(samples[0], Mapping):
         return default_collate(samples)
     batch = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
         whole = whole_of(values)
-        batch[key] = whole if whole is not None else default_collate(values)
+        batch[key] = whole if whole is not None else values if None in values else default_collate(values)
     return batch

@@ -78,8 +78,8 @@ class PointCaptionDataset(Dataset):
     a builder whose annotations carry attributes) enables attribute accuracy."""
 
     vocabularies = None
-    # Set from the dataset config's ``prompt`` when captions are mixed with data that has a prompt per
-    # item (QA): LAVIS's ConcatDataset keeps only the keys every item has, so captions carry one too.
+    # The dataset config's ``prompt``, else None (the model's prompt). Every item carries it: mixed with
+    # data that has a prompt per item (QA), LAVIS's ConcatDataset keeps only the keys every item has.
     prompt = None
     def __init__(self, points, annotations, vis_processor, text_processor, is_train):
         self.points, self.annotations = points, annotations
@@ -139,11 +139,8 @@ class PointCaptionDataset(Dataset):
         caption = self.caption_of(ann)
         if point is None:
             point = self.vis_processor(np.asarray(self.cloud_of(ann)))  # float16 rows: the processor converts
-        item = {"point": point, "text_input": caption, "instance_id": ann["id"],
-                "match_id": self.match_ids[i]}
-        if self.prompt is not None:
-            item["prompt"] = self.prompt
-        return item
+        return {"point": point, "text_input": caption, "instance_id": ann["id"], "match_id": self.match_ids[i],
+                "prompt": self.prompt}
 
     def caption_of(self, ann):
         """The item's processed caption. Training: one of the usable captions at random, uniformly

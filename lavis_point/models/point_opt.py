@@ -124,7 +124,7 @@ class PointOPT(PointQueryModel):
 
     def forward(self, samples):
         prefix = self.prefix_embeds(samples["point"])
-        prompts = samples.get("prompt") or [self.prompt] * prefix.shape[0]
+        prompts = self.prompts_of(samples.get("prompt"), prefix.shape[0])
         texts = [p + t + "\n" for p, t in zip(prompts, samples["text_input"])]
         self.opt_tokenizer.padding_side = "right"
         tokens = self.opt_tokenizer(texts, return_tensors="pt", padding="longest", truncation=True,
@@ -140,6 +140,12 @@ class PointOPT(PointQueryModel):
                              labels=torch.cat([prefix_targets, targets], dim=1))
         return {"loss": out.loss}
 
+    def prompts_of(self, prompt, batch):
+        """``batch`` prompts from a string, a list (None: the model's prompt, as a caption item without
+        one carries) or None (the model's prompt for all)."""
+        prompts = [prompt] * batch if prompt is None or isinstance(prompt, str) else list(prompt)
+        return [self.prompt if p is None else p for p in prompts]
+
     def prompt_length(self, prompt):
         """Tokens of ``prompt`` inside ``prompt + text``. A trailing space is left out: byte-level BPE
         joins it to the next word (" a"), and counting it alone would mask a caption token."""
@@ -151,16 +157,16 @@ class PointOPT(PointQueryModel):
                  prompt=None, use_cache=True):
         """Captions (or answers) for ``samples["point"]``: a list of B * num_captions strings, the
         captions of cloud i at [i * num_captions, (i + 1) * num_captions). ``prompt`` (a string or a
-        list of B strings) defaults to ``samples["prompt"]`` and then the model's prompt.
+        list of B strings, None for the model's) defaults to ``samples["prompt"]`` and then the model's prompt.
         Lengths count generated tokens. Nucleus sampling draws ``num_captions`` independent samples:
         ``num_beams`` is ignored there (as BLIP-2 does), not turned into beam sampling."""
         if use_nucleus_sampling:
             num_beams = 1
         prefix = self.prefix_embeds(samples["point"])
         batch = prefix.shape[0]
-        prompt = prompt if prompt is not None else samples.get("prompt", self.prompt)
         # The prompt's trailing space belongs to the first generated word ("of" + " a"), as in training.
-        prompts = [without_joining_space(p) for p in ([prompt] * batch if isinstance(prompt, str) else prompt)]
+        prompts = [without_joining_space(p) for p in self.prompts_of(
+            prompt if prompt is not None else samples.get("prompt"), batch)]
         options = dict(do_sample=use_nucleus_sampling, top_p=top_p, temperature=temperature, num_beams=num_beams,
                        eos_token_id=self.end_token_id, pad_token_id=self.opt_tokenizer.pad_token_id,
                        repetition_penalty=repetition_penalty, length_penalty=length_penalty,
