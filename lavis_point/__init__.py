@@ -12,5 +12,9 @@ import lavis.common.optims  # noqa: F401  (registers LAVIS's lr schedulers, as i
 import lavis.runners  # noqa: F401  (registers runner_base / runner_iter)
 
 from lavis_point import datasets, models, processors, runners, tasks  # noqa: F401,E402
+from lavis.models import ModelZoo, model_zoo  # noqa: E402
+
+# LAVIS lists its registry in ``model_zoo`` when it is imported, before our models registered.
+model_zoo.model_zoo = ModelZoo().model_zoo
 
 __version__ = "0.1.0"

@@ -12,8 +12,9 @@ the run dir being ``$LAVIS_POINT_RUN_DIR`` or ``output/embedded`` under the work
 import os
 
 import torch
+import yaml
 from lavis.common.registry import registry
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import lavis_point  # noqa: F401  (registers the models and processors)
 from lavis_point.data_io import CloudReadError, PointCloudError, read_cloud
@@ -30,6 +31,10 @@ class MissingWeightsError(FileNotFoundError):
     """No checkpoint to load: the message says which file was looked for and what to do."""
 
 
+class ConfigError(ValueError):
+    """A config that cannot be used: a missing or malformed YAML file, a malformed option."""
+
+
 def default_checkpoint(arch: str) -> str:
     """Where the main job (scripts/run_embedded_default.py) leaves the trained ``arch``."""
     run_dir = os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR
@@ -39,8 +44,17 @@ def default_checkpoint(arch: str) -> str:
 def model_config(arch: str, model_type=None, cfg_path=None, options=()):
     """The whole config (``model`` and ``preprocess``): the model type's default YAML, then the
     ``model:`` / ``preprocess:`` sections of ``cfg_path`` (a LAVIS run YAML works), then ``options``
-    (``model.prompt=...``, ``preprocess.vis_processor.eval.num_points=2048``, LAVIS's dotlist form)."""
-    user = OmegaConf.load(cfg_path) if cfg_path else OmegaConf.create()
+    (``model.prompt=...``, ``preprocess.vis_processor.eval.num_points=2048``, LAVIS's dotlist form).
+    ``ConfigError`` (a ``ValueError``) for a missing or malformed ``cfg_path`` or option."""
+    user = _load_yaml(cfg_path) if cfg_path else OmegaConf.create()
+    for option in options:
+        key, equals, _ = str(option).partition("=")
+        if not equals or not key.strip():  # OmegaConf would set "model.prompt" alone to None
+            raise ConfigError(f"option {option!r} is not KEY=VALUE (e.g. model.prompt='a 3D point cloud of ')")
+    try:
+        overrides = OmegaConf.from_dotlist(list(options))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"options {list(options)}: a value is not valid YAML ({_one_line(e)})") from None
     if user.get("model", {}).get("arch", arch) != arch:
         raise ValueError(f"{cfg_path}: model.arch is {user.model.arch!r}; this needs a {arch} model")
     model_type = model_type or user.get("model", {}).get("model_type") or EMBEDDED_DEFAULT[arch][0]
@@ -50,9 +64,27 @@ def model_config(arch: str, model_type=None, cfg_path=None, options=()):
                          f"expected one of {sorted(model_cls.PRETRAINED_MODEL_CONFIG_DICT)}")
     base = OmegaConf.load(model_cls.default_config_path(model_type))
     own = {k: user[k] for k in ("model", "preprocess") if k in user}
-    cfg = OmegaConf.merge(base, own, OmegaConf.from_dotlist(list(options)))
+    cfg = OmegaConf.merge(base, own, overrides)
     cfg.model.arch, cfg.model.model_type = arch, model_type
     return cfg
+
+
+def _load_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(e)})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a YAML mapping with model: (and preprocess:), found a list")
+    return cfg
+
+
+def _one_line(error) -> str:
+    return " ".join(str(error).split())
 
 
 def load_point_model(arch="point_opt", model_type=None, checkpoint=None, cfg_path=None, options=(),

@@ -29,6 +29,7 @@ from lavis_point.inference import (
     point_text_scores,
     resolve_checkpoint,
 )
+from lavis_point.models.checkpoint import CheckpointError, read_checkpoint
 from tests import point_files as pf
 from tests.small_models import ENCODER, OPT, QFORMER
 
@@ -284,6 +285,14 @@ def test_a_given_checkpoint_without_the_frozen_encoder_takes_it_from_model_pretr
     (["caption", "x.npy", "--render", "o.png", "--render-size", "big"], "WIDTHxHEIGHT"),
     (["ask", "x.npy", "why?", "--prompt-template", "Q A"], "exactly one {}"),
     (["caption", "x.npy", "--model-type", "pretrain"], "unknown model type 'pretrain' for point_opt"),
+    (["caption", "x.npy", "--cfg", "no/such.yaml"], "no/such.yaml: config file not found"),
+    (["caption", "x.npy", "--options", "model.prompt"], "'model.prompt' is not KEY=VALUE"),
+    (["caption", "x.npy", "--options", "model.num_query_token=4", "=5"], "'=5' is not KEY=VALUE"),
+    (["ask", "x.npy", "why?", "--prompt-template", "Q: {} A: {x}"], "--prompt-template 'Q: {} A: {x}'"),
+    (["ask", "x.npy", "why?", "--prompt-template", "Q: {} {"], "--prompt-template 'Q: {} {'"),
+    (["classify", "x.npy", "--labels", "a,b", "--template", "a {} {shape}"], "--template 'a {} {shape}'"),
+    (["classify", "x.npy", "--labels", "a,b", "--template", "a {}", "--template", "a {} {0}"],
+     "--template 'a {} {0}'"),
 ])
 def test_bad_options_stop_before_any_model_is_built(capsys, argv, message):
     code, out, err = run(capsys, *argv)
@@ -352,3 +361,81 @@ def test_many_files_show_a_progress_bar_on_a_terminal(setup, capsys, monkeypatch
     code = main(["similarity", *files, "a cube", *setup["stage1"], "--batch-size", "1"])
     err = capsys.readouterr().err
     assert code == 0 and "3/3" in err and "file" in err
+
+
+def test_a_label_file_that_is_not_utf8_is_named(capsys, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(b"cube\nsph\xe8re\n")  # Latin-1
+    code, out, err = run(capsys, "classify", "x.npy", "--labels-file", labels)
+    assert code == 2 and out == ""
+    assert f"{labels}: not UTF-8 text" in err and "byte 8" in err
+
+
+def test_a_device_that_is_not_there_is_a_usage_error(capsys, monkeypatch):
+    """Checked before any model is built; as if the machine had one GPU or none, whatever it has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run(capsys, "caption", "x.npy", "--device", "cuda")
+    assert code == 2 and out == "" and "--device cuda: no GPU is visible" in err and "--device cpu" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, _, err = run(capsys, "caption", "x.npy", "--device", "cuda:1")
+    assert code == 2 and "--device cuda:1: there is no GPU 1 (1 visible)" in err
+    code, _, err = run(capsys, "caption", "x.npy", "--device", "gpu")
+    assert code == 2 and "--device gpu: not a device" in err
+
+
+def test_a_model_that_cannot_be_built_is_a_one_line_usage_error(setup, capsys, tmp_path):
+    """An OPT that is neither a local folder nor reachable on the hub (tests run offline)."""
+    missing = tmp_path / "no_opt"
+    code, out, err = run(capsys, "caption", setup["files"]["cloud.npy"], *setup["stage2"],
+                         "--options", f"model.opt_model={missing}")
+    errors = [line for line in err.splitlines() if line.startswith("lavis-point: error:")]
+    assert code == 2 and out == "" and len(errors) == 1 and "Traceback" not in err
+    assert "cannot build point_opt caption_tiny" in errors[0] and str(missing) in errors[0]
+    assert "model.opt_model" in errors[0]
+
+
+NOT_CHECKPOINTS = {
+    "page.pth": (b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>\n",
+                 "an HTML page, not a checkpoint: a failed download"),
+    "pointer.pth": (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 1234\n",
+                    "a git-lfs pointer, not the checkpoint: run git lfs pull"),
+    "config.pth": (b"model:\n  arch: point_opt\n", "a text file, not a checkpoint (it starts 'model:')"),
+    "error.pth": (b"<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>",
+                  "an XML document, not a checkpoint: a failed download"),
+    "noise.pth": (bytes(range(7, 250, 3)), "neither a zip archive (torch.save) nor a pickle stream: it starts"),
+    "empty.pth": (b"", "an empty file"),
+    "model.pth": (len(b'{"__metadata__":{}}').to_bytes(8, "little") + b'{"__metadata__":{}}',
+                  "a safetensors file, not a torch checkpoint: read it with safetensors.torch.load_file"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CHECKPOINTS))
+def test_a_file_that_is_no_checkpoint_says_what_it_looks_like(setup, capsys, tmp_path, name):
+    content, message = NOT_CHECKPOINTS[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as caught:
+        read_checkpoint(str(path))
+    assert str(caught.value).startswith(f"{path}: {message}"), str(caught.value)
+    assert "refused" not in str(caught.value) and "re-save" not in str(caught.value)
+    code, out, err = run(capsys, "caption", "x.npy", "--cfg", setup["stage2"][1], "--checkpoint", path)
+    assert code == 2 and out == "" and f"{path}: {message}" in err
+
+
+def test_a_plain_pickle_with_a_disallowed_global_is_still_refused_as_unsafe(tmp_path):
+    marker = tmp_path / "marker"
+    path = pf.write_pickle(tmp_path / "evil.pth", pf.CreatesFileWhenUnpickled(marker))
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused to load: .*weights_only=True"):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_config_that_is_not_a_yaml_mapping_is_named(capsys, tmp_path):
+    (tmp_path / "broken.yaml").write_text("model: [1\n")
+    (tmp_path / "list.yaml").write_text("- model\n")
+    for name, message in (("broken.yaml", "not valid YAML (while parsing"), ("list.yaml", "expected a YAML mapping")):
+        code, out, err = run(capsys, "caption", "x.npy", "--cfg", tmp_path / name)
+        assert code == 2 and out == "" and f"{tmp_path / name}: {message}" in err
+    code, _, err = run(capsys, "caption", "x.npy", "--options", "model.prompt=[a")
+    assert code == 2 and "options ['model.prompt=[a']: a value is not valid YAML" in err

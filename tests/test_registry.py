@@ -68,3 +68,16 @@ def test_caption_opt27b_takes_its_opt_from_a_local_folder(tmp_path):
     assert model.opt_proj.weight.shape == (64, 768)
     assert model.freeze_opt and not any(p.requires_grad for p in model.opt_model.parameters())
     assert model.freeze_encoder and model.point_encoder.num_groups == 512
+
+
+def test_lavis_model_zoo_lists_our_models():
+    """LAVIS builds ``model_zoo`` when it is imported, before our models register."""
+    from lavis.models import model_zoo
+
+    listing = dict(model_zoo)
+    for name, cls in (("point_bert", PointBertEncoder), ("point_qformer", PointQFormer), ("point_opt", PointOPT)):
+        assert listing[name] == list(cls.PRETRAINED_MODEL_CONFIG_DICT)
+    assert "caption_opt2.7b" in listing["point_opt"] and "blip2_opt" in listing  # LAVIS's own stay
+    lines = {line.split()[0]: line for line in str(model_zoo).splitlines() if line.strip()}
+    assert "pretrain_tiny" in lines["point_qformer"] and "ulip2" in lines["point_bert"]
+    assert len(model_zoo) == sum(len(types) for types in listing.values())

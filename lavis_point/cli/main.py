@@ -127,9 +127,10 @@ def run(args) -> int:
 
     render_size = parse_size(args.render_size) if args.render_size else None
     command = _command(args)
+    _check_device(args.device)
     cfg = model_config(STAGE_OF[args.command], args.model_type, args.cfg, args.options)
     checkpoint = resolve_checkpoint(cfg, args.checkpoint, args.cfg)
-    model, processor = build_point_model(cfg, checkpoint, args.device)
+    model, processor = _build(cfg, checkpoint, args.device)
     min_points = args.min_points if args.min_points is not None else min_points_for(model)
 
     files = args.files
@@ -177,6 +178,46 @@ def run(args) -> int:
     return 1 if render_failed or any("error" in r for r in results) else 0
 
 
+def _check_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no GPU is visible (torch.cuda.is_available() is false); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there is no GPU {device.index} ({torch.cuda.device_count()} visible)")
+
+
+def _build(cfg, checkpoint, device):
+    """build_point_model, whose failures to find or place a part (an OPT neither on the hub nor in a
+    local folder, a device out of memory) are usage errors: nothing can run."""
+    try:
+        return build_point_model(cfg, checkpoint, device)
+    except (CheckpointError, MissingWeightsError):
+        raise
+    except (OSError, torch.cuda.OutOfMemoryError) as e:  # other errors are bugs: their traceback shows
+        message = " ".join(str(e).split())
+        opt = cfg.model.get("opt_model")
+        if opt and str(opt) in message:
+            message += (f" (model.opt_model is {str(opt)!r}: a hub name needs the hub or its cache; "
+                        "a local folder, --options model.opt_model=PATH, needs the model's files)")
+        raise UsageError(f"cannot build {cfg.model.arch} {cfg.model.model_type}: {message}") from e
+
+
+def _check_template(flag, template, slot):
+    """``template`` takes the ``slot`` (question, label) at its one ``{}``; UsageError otherwise."""
+    if template.count("{}") != 1:
+        raise UsageError(f"{flag} needs exactly one {{}} for the {slot}, got {template!r}")
+    try:
+        template.format(slot)
+    except (IndexError, KeyError, ValueError) as e:
+        raise UsageError(f"{flag} {template!r}: cannot fill its {{}} ({type(e).__name__}: {e}); "
+                         f"{{}} is the only field it may hold; write a literal brace as {{{{ or }}}}") from None
+
+
 def _command(args):
     """The model call for this subcommand: (model, points (B, N, 6)) -> one dict per cloud."""
     if args.command == "caption":
@@ -184,8 +225,7 @@ def _command(args):
             {"caption": c} for c in model.generate({"point": points}, num_beams=args.num_beams,
                                                    max_length=args.max_length, min_length=args.min_length)]
     if args.command == "ask":
-        if args.prompt_template.count("{}") != 1:
-            raise UsageError(f"--prompt-template needs exactly one {{}} for the question, got {args.prompt_template!r}")
+        _check_template("--prompt-template", args.prompt_template, "question")
         return lambda model, points: [
             {"question": args.question, "answer": a}
             for a in answer_questions(model, points, [args.question] * len(points), prompt=args.prompt_template,
@@ -195,9 +235,8 @@ def _command(args):
                                       for s in point_text_scores(model, points, [args.text])[:, 0]]
     labels = _labels(args)
     templates = args.templates or list(DEFAULT_TEMPLATES)
-    bad = [t for t in templates if t.count("{}") != 1]
-    if bad:
-        raise UsageError(f"--template needs exactly one {{}} for the label: {bad}")
+    for template in templates:
+        _check_template("--template", template, "label")
 
     def classify(model, points):
         probabilities = classify_points(model, points, labels, templates)  # (B, C)
@@ -210,8 +249,14 @@ def _labels(args):
     if args.labels_file:
         if not os.path.isfile(args.labels_file):
             raise UsageError(f"{args.labels_file}: label file not found")
-        with open(args.labels_file, encoding="utf-8") as f:
-            labels = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        try:
+            with open(args.labels_file, "rb") as f:  # decoded whole: the error's byte is the file's
+                text = f.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{args.labels_file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise UsageError(f"{args.labels_file}: cannot read the label file ({e.strerror})") from None
+        labels = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
         where = args.labels_file
     else:
         labels, where = [label.strip() for label in args.labels.split(",") if label.strip()], "--labels"

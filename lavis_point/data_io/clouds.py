@@ -13,6 +13,7 @@ Formats, chosen by extension:
 Every failure raises ``CloudReadError`` (a ``ValueError``), whose message starts with the file and says
 what is wrong: unreadable, truncated, unsafe pickle, wrong shape, no points, NaN or infinite values.
 """
+import json
 import os
 
 import numba
@@ -183,8 +184,31 @@ def _read_text(path) -> np.ndarray:
         raise PointCloudError(f"a value is not a number ({e})") from None
 
 
+def _check_gltf(path):
+    """A .gltf is JSON text holding an object: trimesh reads anything else as a missing 'model.gltf'."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.strip():
+        raise PointCloudError("not a readable glTF: the file is empty")
+    try:
+        tree = json.loads(data)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise PointCloudError(f"not a readable glTF: not JSON ({e})") from None
+    if not isinstance(tree, dict):
+        raise PointCloudError(f"not a readable glTF: its JSON is a {type(tree).__name__}, not an object")
+
+
 def _read_geometry(path, mesh_points, seed) -> np.ndarray:
-    geometry = trimesh.load(path)
+    if path.lower().endswith(".gltf"):
+        _check_gltf(path)
+    try:
+        geometry = trimesh.load(path)
+    except FileNotFoundError as e:  # what the file refers to (a glTF's .bin buffer), not the file itself
+        if not os.path.isfile(path):
+            raise
+        name = e.filename or (e.args[0] if e.args else "?")
+        folder = os.path.dirname(os.path.abspath(path))
+        raise PointCloudError(f"'{name}', a file it refers to, is missing (looked in {folder})") from None
     if isinstance(geometry, trimesh.PointCloud):
         xyz = np.asarray(geometry.vertices)
         colours = geometry.colors if geometry.colors is not None and len(geometry.colors) else None

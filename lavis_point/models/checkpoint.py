@@ -30,6 +30,13 @@ def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror})") from None
+    if (looks_like := _not_a_checkpoint(head)) is not None:
+        raise CheckpointError(f"{path}: {looks_like}")
+    try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
@@ -43,6 +50,40 @@ def read_checkpoint(path: str) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
+
+
+def _not_a_checkpoint(head: bytes):
+    """What a file starting with ``head`` looks like when torch.save cannot have written it (it writes
+    a zip archive; before torch 1.6, a pickle stream of protocol 2 or more; before 0.4, a tar
+    archive), else None. Without this, an error page or a git-lfs pointer read as an unsafe pickle."""
+    if head.startswith(b"PK\x03\x04") or head[257:262] == b"ustar":
+        return None
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return None
+    if not head:
+        return "an empty file, not a checkpoint (an interrupted download or save?)"
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if start.startswith(b"version https://git-lfs"):
+        return ("a git-lfs pointer, not the checkpoint: run git lfs pull in its repository "
+                "(or download the file itself)")
+    if start.startswith((b"<!doctype html", b"<html")) or b"<html" in start:
+        return "an HTML page, not a checkpoint: a failed download (an error or sign-in page?); download it again"
+    if start.startswith(b"<?xml"):
+        return ("an XML document, not a checkpoint: a failed download (a storage service's error reply?); "
+                "download it again")
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return ("a safetensors file, not a torch checkpoint: read it with safetensors.torch.load_file and "
+                "save that dict with torch.save({'model': state_dict}, path)")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut at the end of the 512 bytes still counts as text
+        text = head[: e.start].decode("utf-8") if e.reason == "unexpected end of data" else None
+    text = None if text is None else text.lstrip("\ufeff").strip()
+    if text is not None and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f"a text file, not a checkpoint (it starts {text.splitlines()[0][:60]!r})" if text else \
+            "a file of blank lines, not a checkpoint"
+    return (f"neither a zip archive (torch.save) nor a pickle stream: it starts {head[:8].hex(' ')}; "
+            "a file of another format, or corrupt")
 
 
 def _unpickler_reason(error) -> str:
