@@ -188,7 +188,13 @@ class PointCaptionDataset(Dataset):
 
     @property
     def references(self):
+        """id -> its usable captions, processed: the model's input (retrieval ranks these)."""
         return {ann["id"]: [c for c in map(self.processed, self.captions_of(ann)) if c] for ann in self.annotations}
+
+    @property
+    def ground_truth(self):
+        """id -> the same captions as the annotations wrote them (caption metrics score against these)."""
+        return {ann["id"]: [c for c in self.captions_of(ann) if self.processed(c)] for ann in self.annotations}
 
     @property
     def attributes(self):

@@ -9,17 +9,6 @@ from lavis.common.registry import registry
 from lavis_point.tasks.base import PointBaseTask
 
 
-def raw_references(dataset):
-    """id -> the reference captions as the annotations wrote them (those the dataset can use). The
-    dataset's ``references`` are the eval text processor's output, the model's input (BLIP's turns
-    "A 3.5 m tall lamp (brass)." into "a 3 5 m tall lamp brass" and cuts to max_words); metrics score
-    against the ground truth itself, which the PTB tokenizer normalises, as in LAVIS's COCO evaluation.
-    A dataset without annotations gives its ``references`` as they are."""
-    if not (hasattr(dataset, "annotations") and hasattr(dataset, "captions_of")):
-        return dataset.references
-    return {ann["id"]: [c for c in dataset.captions_of(ann) if dataset.processed(c)] for ann in dataset.annotations}
-
-
 @registry.register_task("point_captioning")
 class PointCaptioningTask(PointBaseTask):
     """Metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap; SPICE with ``spice: true``),
@@ -69,7 +58,9 @@ class PointCaptioningTask(PointBaseTask):
 
         with open(result_file) as f:
             predictions = {r["image_id"]: r["caption"] for r in json.load(f)}
-        references = raw_references(self.dataset)
+        # The annotations' captions as written: the PTB tokenizer normalises them, as in LAVIS's COCO
+        # evaluation (``references`` are the text processor's output: "3.5" becomes "3 5", long ones cut).
+        references = getattr(self.dataset, "ground_truth", None) or self.dataset.references
         attributes = getattr(self.dataset, "attributes", None)
         vocabularies = getattr(self.dataset, "vocabularies", None)
         if attributes and not vocabularies:
