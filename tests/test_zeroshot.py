@@ -78,6 +78,21 @@ def test_task_predicts_the_class_whose_text_matches_the_cloud():
         PointZeroShotClassificationTask(templates=["no slot"])
 
 
+def test_a_cloud_with_nan_scores_is_never_counted_right(caplog):
+    """topk over NaN picks some class, which may be the label: a diverged model must not score."""
+    task = PointZeroShotClassificationTask(templates=["a {}"], top_k=2)
+    model = WordModel(["cube", "cone", "torus"])
+    task.before_evaluation(model, type("Set", (), {"classnames": ["cube", "cone", "torus"]})())
+    nan_feats = model.encode_points
+    model.encode_points = lambda points: (None, None, nan_feats(points)[2] * float("nan"))
+    points = torch.tensor([0.0, 1.0, 2.0])[:, None, None].expand(3, 4, 6)
+    with caplog.at_level(logging.WARNING):
+        rows = task.valid_step(model, {"point": points, "label": torch.tensor([0, 1, 2]), "instance_id": list("abc")})
+    assert all(r["top_k"] == [-1, -1] for r in rows)
+    assert topk_accuracy([r["top_k"] for r in rows], [0, 1, 2], 2) == 0.0
+    assert "3 of 3 clouds have a similarity that is not finite" in caplog.text
+
+
 def write_h5(path, data, labels):
     with h5py.File(path, "w") as f:
         f["data"], f["label"] = data, labels

@@ -50,7 +50,13 @@ class PointZeroShotClassificationTask(PointBaseTask):
     def valid_step(self, model, samples):
         _, _, point_feats = model.encode_points(samples["point"])
         logits = model.point_text_similarity(point_feats, self.class_feats.to(point_feats.device))  # (B, C)
-        top = logits.topk(min(self.top_k, logits.shape[1]), dim=1).indices.tolist()
+        top = logits.topk(min(self.top_k, logits.shape[1]), dim=1).indices
+        bad = ~torch.isfinite(logits).all(dim=1)  # topk would still pick a class, maybe the right one
+        if bad.any():
+            logging.warning("zero-shot: %d of %d clouds have a similarity that is not finite (a diverged model?); "
+                            "they count as wrong", int(bad.sum()), len(bad))
+            top[bad] = -1
+        top = top.tolist()
         return [{"instance_id": i, "label": int(y), "top_k": t}
                 for i, y, t in zip(samples["instance_id"], samples["label"].tolist(), top)]
 
