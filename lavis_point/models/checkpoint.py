@@ -126,6 +126,13 @@ def frozen_prefixes(model: torch.nn.Module) -> list:
     return out
 
 
+def holds_parameters_of(state_dict: dict, model: torch.nn.Module, part: str) -> bool:
+    """Whether ``state_dict`` holds any parameter of ``model``'s top-level ``part`` ("point_encoder.").
+    Buffers alone do not count: LAVIS's runner keeps a frozen part's BatchNorm statistics, not its weights."""
+    child = model.get_submodule(part.rstrip("."))
+    return any(part + name in state_dict for name, _ in child.named_parameters(remove_duplicate=False))
+
+
 def trainable_state_dict(model: torch.nn.Module) -> dict:
     """The state dict without the frozen top-level parts (what our runner saves)."""
     skip = tuple(frozen_prefixes(model))
@@ -158,9 +165,8 @@ def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), 
                             frozen_may_be_absent=True):
     """Load ``state_dict`` into ``model`` under the contract above; returns a summary dict.
     ``frozen_may_be_absent=False``: every key is required, frozen or not (a file made for this module)."""
-    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     absent_parts = [part for part in (frozen_prefixes(model) if frozen_may_be_absent else ())
-                    if not any(k.startswith(part) and k in params for k in state_dict)]
+                    if not holds_parameters_of(state_dict, model, part)]
     optional = tuple(optional_prefixes) + tuple(absent_parts)
     ignore = [re.compile(p) for p in ignore_patterns]
     own = model.state_dict()

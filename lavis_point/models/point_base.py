@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from lavis_point.models.checkpoint import (
     CheckpointError,
+    holds_parameters_of,
     load_state_dict_checked,
     read_checkpoint,
     state_dict_of,
@@ -130,7 +131,7 @@ class PointQueryModel(BaseModel):
             self, state, source=url_or_filename, ignore_patterns=self.IGNORABLE_KEYS,
             optional_prefixes=self.PRETRAINED_OPTIONAL if pretrained else (),
         )
-        if any("point_encoder." + name in state for name, _ in self.point_encoder.named_parameters()):
+        if holds_parameters_of(state, self, "point_encoder."):
             self.point_encoder.weights_from = url_or_filename
         elif self.point_encoder.weights_from is None:  # a frozen encoder may be absent: from where, then?
             problem = (f"{url_or_filename} holds no point_encoder weights and none were loaded before it (set "
