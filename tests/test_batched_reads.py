@@ -266,3 +266,9 @@ def test_statistics_that_do_not_fit_their_shard_are_ignored_with_a_warning_namin
     assert parts[5][3] is not None and parts[7][3] is None
     assert "train_points_00001_stats.npy: expected (7, 5) float64" in caplog.text
     assert_same_batches(batches(dataset), batches(PerItem(dataset)), rounding(dataset))  # shard 1: three passes
+
+
+def test_collate_keeps_a_key_with_none_as_a_list_and_still_stacks_arrays():
+    batch = collate([{"a": np.zeros(2), "prompt": None}, {"a": np.ones(2), "prompt": "Question: "}])
+    assert batch["prompt"] == [None, "Question: "]
+    assert torch.equal(batch["a"], torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64))

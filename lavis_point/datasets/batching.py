@@ -65,5 +65,5 @@ def collate(samples):
     for key in samples[0]:
         values = [s[key] for s in samples]
         whole = whole_of(values)
-        batch[key] = whole if whole is not None else values if None in values else default_collate(values)
+        batch[key] = whole if whole is not None else values if any(v is None for v in values) else default_collate(values)
     return batch
