@@ -55,6 +55,31 @@ def test_ranks_take_disjoint_shares_of_the_same_batches_and_epochs_differ():
     assert list(again) == epoch1[0]  # a resumed rank starting at epoch 1 rebuilds that epoch's batches
 
 
+def test_several_groupings_share_each_epoch_and_each_chunk_is_alike_under_its_own():
+    """batch_group_by: [[color, size], [color]] on the embedded set: half the items grouped finely, half
+    coarsely, so batches hold both kinds of hard negatives. Here fine = i // 8, coarse = parity."""
+    n = 960
+    fine, coarse = [i // 8 for i in range(n)], [i % 2 for i in range(n)]
+    sampler = GroupedBatchSampler([fine, coarse], batch_size=8, groups_per_batch=4)
+    for _ in range(2):
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == n // 8
+        flat = [i for b in batches for i in b]
+        assert len(flat) == len(set(flat)) == n  # every item once
+        chunks = [b[k:k + 2] for b in batches for k in range(0, 8, 2)]
+        fine_only = sum(fine[a] == fine[b] and coarse[a] != coarse[b] for a, b in chunks)
+        coarse_only = sum(coarse[a] == coarse[b] and fine[a] != fine[b] for a, b in chunks)
+        neither = sum(fine[a] != fine[b] and coarse[a] != coarse[b] for a, b in chunks)
+        # a fine chunk mixes parities 4/7 of the time, a coarse one splits fine groups ~all the time
+        assert fine_only > 0.12 * len(chunks) and coarse_only > 0.4 * len(chunks)  # 0.21 and 0.51 at worst in 200 epochs
+        assert neither <= (n // 8 + 2) // 2  # only pooled remainders (at most one per group and share)
+
+
+def test_groupings_must_cover_the_same_items():
+    with pytest.raises(ValueError, match="one id per item"):
+        GroupedBatchSampler([[0, 0, 1], [0, 1]], batch_size=2, groups_per_batch=1)
+
+
 def test_groups_per_batch_must_divide_the_batch():
     with pytest.raises(ValueError, match="must divide the batch size"):
         GroupedBatchSampler([0, 1], batch_size=8, groups_per_batch=3)
@@ -109,6 +134,26 @@ def test_the_runner_builds_grouped_training_batches_from_run_batch_group_by():
         batch = next(loader)
         for chunk in (batch[:2], batch[2:]):
             assert len({annotations[i]["color"] for i in chunk}) == 1
+
+
+def test_run_batch_group_by_may_list_several_groupings():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from lavis_point.runners.runner_point import RunnerPoint
+
+    annotations = [{"color": c, "size": s} for c in ("red", "blue") for s in ("small", "large") for _ in range(8)]
+    run_cfg = OmegaConf.create({"batch_group_by": [["color", "size"], "size"], "batch_groups_per_batch": 2})
+    runner = SimpleNamespace(use_distributed=False, device=torch.device("cpu"), start_epoch=0,
+                             config=SimpleNamespace(run_cfg=run_cfg))
+    (loader,) = RunnerPoint.create_loaders(runner, [Items(annotations)], 0, [4], [True], [list])
+    sampler = loader._dataloader.batch_sampler
+    by_color_size = [(a["color"], a["size"]) for a in annotations]
+    assert len(sampler.codes) == 2
+    assert len(set(sampler.codes[0])) == 4 and len(set(sampler.codes[1])) == 2
+    assert all((sampler.codes[0][i] == sampler.codes[0][j]) == (by_color_size[i] == by_color_size[j])
+               for i in range(32) for j in range(32))
 
 
 @pytest.mark.parametrize("num_items", [4, 24])  # fewer and more questions than the 12 clouds

@@ -23,6 +23,10 @@ from torch.utils.data import Sampler
 
 
 class GroupedBatchSampler(Sampler):
+    """``group_ids``: one hashable id per item, or a list of such lists, one per grouping: then each
+    epoch's items are dealt at random into as many equal shares, each share is grouped by its own
+    grouping, and the chunks of all shares are shuffled together."""
+
     def __init__(self, group_ids, batch_size, groups_per_batch, num_replicas=1, rank=0, seed=None, epoch=0):
         if groups_per_batch < 1 or batch_size % groups_per_batch:
             raise ValueError(f"run.batch_groups_per_batch ({groups_per_batch}) must divide the batch size "
@@ -30,12 +34,16 @@ class GroupedBatchSampler(Sampler):
         self.batch_size, self.groups_per_batch = batch_size, groups_per_batch
         self.chunk = batch_size // groups_per_batch
         self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, epoch
-        codes = {}
-        ids = np.array([codes.setdefault(g, len(codes)) for g in group_ids])
-        self.groups = [np.flatnonzero(ids == c) for c in range(len(codes))]
-        leftover = sum(len(g) % self.chunk for g in self.groups)
-        num_chunks = sum(len(g) // self.chunk for g in self.groups) + leftover // self.chunk
-        self.num_batches = num_chunks // groups_per_batch // num_replicas
+        groupings = group_ids if group_ids and isinstance(group_ids[0], list) else [group_ids]
+        if len({len(ids) for ids in groupings}) != 1:
+            raise ValueError(f"every grouping needs one id per item: got {[len(ids) for ids in groupings]}")
+        self.codes = []  # per grouping: (items,) int codes, equal codes = one group
+        for ids in groupings:
+            codes = {}
+            self.codes.append(np.array([codes.setdefault(g, len(codes)) for g in ids], dtype=np.int64))
+        # Whole chunks of each group plus the pooled remainders cut into chunks: floor(items / chunk)
+        # chunks, however the groups fall.
+        self.num_batches = len(self.codes[0]) // self.chunk // groups_per_batch // num_replicas
 
     def __len__(self):
         return self.num_batches
@@ -52,11 +60,13 @@ class GroupedBatchSampler(Sampler):
         rng = self._rng()
         self.epoch += 1  # LAVIS's IterLoader sets the epoch only on a DataLoader's plain sampler
         chunks, pool = [], []
-        for group in self.groups:
-            group = rng.permutation(group)
-            cut = len(group) // self.chunk * self.chunk
-            chunks += np.split(group[:cut], cut // self.chunk) if cut else []
-            pool += group[cut:].tolist()
+        for codes, share in zip(self.codes, np.array_split(rng.permutation(len(self.codes[0])), len(self.codes))):
+            share = share[np.argsort(codes[share], kind="stable")]  # groups contiguous, each in random order
+            starts = np.flatnonzero(np.diff(codes[share], prepend=-1))
+            for group in np.split(share, starts[1:]):
+                cut = len(group) // self.chunk * self.chunk
+                chunks += np.split(group[:cut], cut // self.chunk) if cut else []
+                pool += group[cut:].tolist()
         pool = rng.permutation(np.array(pool, dtype=np.int64))
         cut = len(pool) // self.chunk * self.chunk
         chunks += np.split(pool[:cut], cut // self.chunk) if cut else []
