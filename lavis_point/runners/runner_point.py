@@ -19,9 +19,12 @@ Why each override (LAVIS 1.0.2, measured on CPU):
 - checkpoints: written atomically, without frozen parts (unless ``run.save_frozen_parts``), read
   with ``weights_only=True``, and loaded under the contract of ``lavis_point.models.checkpoint``
   (frozen parts may be absent).
-- ``create_loaders``: ``run.batch_group_by`` (annotation fields) and ``run.batch_groups_per_batch``
-  build training batches from a few groups of alike items (grouped_batches.py).
+- ``create_loaders``: ``run.batch_group_by`` (annotation fields, or a list of such groupings) and
+  ``run.batch_groups_per_batch`` build training batches from a few groups of alike items
+  (grouped_batches.py).
 - ``optimizer``: RunnerBase's AdamW groups with the fused kernel (5x faster update on CPU).
+- On CPU, freed host memory is kept for reuse (host_memory.py; ``run.keep_freed_memory: false`` turns
+  it off): 10% of a CPU training step went to faulting in the tensors the previous step freed.
 - ``setup_output_dir``: ``register_path`` refuses to overwrite, so a second run in one process failed.
 On a GPU everything else is RunnerBase's.
 """
@@ -52,6 +55,7 @@ from lavis_point.models.checkpoint import (
 )
 from lavis_point.runners import rng_state
 from lavis_point.runners.grouped_batches import GroupedBatchSampler, group_ids_of
+from lavis_point.runners.host_memory import keep_freed_memory
 
 
 class EpochLoader(IterLoader):
@@ -87,6 +91,11 @@ def from_main_process(value):
 
 @registry.register_runner("runner_point")
 class RunnerPoint(RunnerBase):
+    def __init__(self, cfg, task, model, datasets, job_id):
+        super().__init__(cfg, task, model, datasets, job_id)
+        if self.device.type == "cpu" and cfg.run_cfg.get("keep_freed_memory", True):
+            keep_freed_memory()
+
     @property
     def model(self):
         if self._model.device != self.device:
@@ -127,8 +136,11 @@ class RunnerPoint(RunnerBase):
             group_by = self.config.run_cfg.get("batch_group_by") if is_train else None
             batching = dict(batch_size=batch_size, shuffle=is_train, drop_last=is_train)
             if group_by:
+                # fields, or a list of groupings (each fields or one field) that share the epoch's items
+                groupings = [group_by] if all(isinstance(f, str) for f in group_by) else group_by
+                ids = [group_ids_of(dataset, [f] if isinstance(f, str) else list(f)) for f in groupings]
                 batching = dict(batch_sampler=GroupedBatchSampler(
-                    group_ids_of(dataset, list(group_by)), batch_size,
+                    ids[0] if len(ids) == 1 else ids, batch_size,
                     int(self.config.run_cfg.get("batch_groups_per_batch", 4)),
                     num_replicas=world[0], rank=world[1], seed=seed, epoch=self.start_epoch))
             elif self.use_distributed and (is_train or self.use_dist_eval_sampler):
