@@ -7,6 +7,10 @@ shape was at chance (0.125). Batches built from 4 groups that share colour and s
 leave shape as what separates most pairs: 0.44 after the same 100 steps (the README has the runs;
 the embedded stage 1 now takes batches of 16 as 2 such groups of 8).
 The grouping fields are annotation fields named in the YAML; nothing here knows about shapes.
+Within such a group, clouds differ only in shape (and pose), so no batch asks the losses to tell
+sizes apart. ``batch_group_by`` may therefore list several groupings, e.g. ``[[color, size],
+[color]]``: each epoch's items are dealt at random into equal shares, one per grouping, and the
+chunks of all shares are shuffled together, so batches hold both kinds of hard negatives.
 
 Every item is used at most once per epoch: each group is shuffled and cut into chunks of
 ``batch_size / groups_per_batch`` items, remainders are pooled and cut the same way, and the chunks
