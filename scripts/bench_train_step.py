@@ -18,9 +18,10 @@ loop over the tensors).
 - Page faults: large fresh tensors are mapped anew by glibc (or reused after it returned them to
   the system) on every step, and each new page costs a fault; the step's minor faults and this
   machine's first-touch rate say what that costs. The AdamW line compares RunnerBase's loop with
-  runner_point's ``fused=True`` on the same gradients. Last, the same step after what runner_point
-  does on CPU, keeping freed memory for reuse (``runners/host_memory.py``): faults and time beside
-  the figures above, and the ratio.
+  runner_point's ``fused=True`` on the same gradients. Right after the plain step, the same step
+  after what runner_point does on CPU, keeping freed memory for reuse (``runners/host_memory.py``):
+  its faults and time, and the ratio; the profile and the AdamW line then run with it, as training
+  does.
 - Memory (``--memory``): a child process runs one step of the GPT4Point-size config (12-layer
   Point-BERT on 8192 points, frozen, as GPT4Point trains stage 1) at batch 32 (``--memory-batch``)
   and reports its peak RSS. Its address space is capped (``--memory-limit-gb`` beyond what it maps
@@ -301,6 +302,20 @@ def main():
           f"{seconds:.2f} s wall, {cpu:.2f} s CPU -> {flops / seconds / 1e9:.1f} GFLOP/s = "
           f"{100 * flops / seconds / peak:.0f}% of the measured peak per wall second, "
           f"{100 * flops / cpu / peak_cpu:.0f}% per CPU second")
+    per_gib = first_touch_seconds_per_gib()
+    print(f"page faults: {faulted / 2 ** 30:.2f} GiB first touched per step; first touch costs "
+          f"{per_gib:.2f} s/GiB here -> ~{faulted / 2 ** 30 * per_gib:.2f} s of the step")
+    # What runner_point does on CPU (host_memory.py), right after the baseline and before anything
+    # else allocates: it is process-wide and cannot be undone, so what follows runs with it too.
+    if keep_freed_memory():
+        step(model, samples, optimizer, args.bf16)  # the first step after it still maps afresh
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        kept_seconds, kept_cpu = _best(lambda: step(model, samples, optimizer, args.bf16), args.steps)
+        kept_faulted = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * resource.getpagesize() \
+            / args.steps
+        print(f"freed memory kept for reuse (runner_point on CPU): {kept_faulted / 2 ** 30:.2f} GiB first touched "
+              f"per step; step {kept_seconds:.2f} s wall, {kept_cpu:.2f} s CPU: {seconds / kept_seconds:.2f}x wall, "
+              f"{cpu / kept_cpu:.2f}x CPU against the step above")
 
     matmul_flops, matmul_time, wall, cpu = breakdown(model, samples, optimizer, args.bf16)
     # Self times are wall time; the profiled step's CPU/wall ratio converts them to CPU seconds.
@@ -310,25 +325,9 @@ def main():
           f"{100 * rate / peak_cpu:.0f}% of the peak: share ~ {100 * rate / peak_cpu:.0f}% x "
           f"{100 * fraction:.0f}% = {rate * fraction / peak_cpu * 100:.0f}% (profiled step: {wall:.2f} s wall, "
           f"{cpu:.2f} s CPU)")
-    per_gib = first_touch_seconds_per_gib()
-    print(f"page faults: {faulted / 2 ** 30:.2f} GiB first touched per step; first touch costs "
-          f"{per_gib:.2f} s/GiB here -> ~{faulted / 2 ** 30 * per_gib:.2f} s of the step, spread over the "
-          f"fills, adds and AdamW temporaries above")
-    # runner_point on CPU keeps freed memory for reuse (host_memory.py): the same step, after that.
-    # Last, because it is process-wide and cannot be undone for what is already freed.
     loop, fast = compare_adamw(model, samples, optimizer, args.bf16)
     print(f"AdamW step alone, {trainable / 1e6:.0f}M parameters: RunnerBase's default (loop) {loop:.2f} s, "
           f"runner_point's fused=True {fast:.2f} s ({loop / fast:.1f}x)")
-    if keep_freed_memory():
-        step(model, samples, optimizer, args.bf16)  # the first step after it still maps afresh
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        kept_seconds, kept_cpu = _best(lambda: step(model, samples, optimizer, args.bf16), args.steps)
-        kept_faulted = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * resource.getpagesize() \
-            / args.steps
-        print(f"freed memory kept for reuse (runner_point on CPU): {kept_faulted / 2 ** 30:.2f} GiB first touched "
-              f"per step (was {faulted / 2 ** 30:.2f}); step {kept_seconds:.2f} s wall, {kept_cpu:.2f} s CPU, "
-              f"against {seconds:.2f} s and {cpu:.2f} s before: {seconds / kept_seconds:.2f}x wall, "
-              f"{cpu / kept_cpu:.2f}x CPU")
 
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
