@@ -54,7 +54,7 @@ def model_config(arch: str, model_type=None, cfg_path=None, options=()):
     try:
         overrides = OmegaConf.from_dotlist(list(options))
     except yaml.YAMLError as e:
-        raise ConfigError(f"options {list(options)}: a value is not valid YAML ({_one_line(e)})") from None
+        raise ConfigError(f"options {list(options)}: a value is not valid YAML ({one_line(e)})") from None
     if user.get("model", {}).get("arch", arch) != arch:
         raise ValueError(f"{cfg_path}: model.arch is {user.model.arch!r}; this needs a {arch} model")
     model_type = model_type or user.get("model", {}).get("model_type") or EMBEDDED_DEFAULT[arch][0]
@@ -75,7 +75,7 @@ def _load_yaml(path):
     try:
         cfg = OmegaConf.load(path)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({_one_line(e)})") from None
+        raise ConfigError(f"{path}: not valid YAML ({one_line(e)})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not isinstance(cfg, DictConfig):
@@ -83,7 +83,8 @@ def _load_yaml(path):
     return cfg
 
 
-def _one_line(error) -> str:
+def one_line(error) -> str:
+    """An error's message on one line (YAML and OS errors span several)."""
     return " ".join(str(error).split())
 
 

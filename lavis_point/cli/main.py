@@ -31,6 +31,7 @@ from lavis_point.inference import (
     load_points,
     min_points_for,
     model_config,
+    one_line,
     point_text_scores,
     resolve_checkpoint,
 )
@@ -199,7 +200,7 @@ def _build(cfg, checkpoint, device):
     except (CheckpointError, MissingWeightsError):
         raise
     except (OSError, torch.cuda.OutOfMemoryError) as e:  # other errors are bugs: their traceback shows
-        message = " ".join(str(e).split())
+        message = one_line(e)
         opt = cfg.model.get("opt_model")
         if opt and str(opt) in message:
             message += (f" (model.opt_model is {str(opt)!r}: a hub name needs the hub or its cache; "
