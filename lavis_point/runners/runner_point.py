@@ -140,7 +140,7 @@ class RunnerPoint(RunnerBase):
                 groupings = [group_by] if all(isinstance(f, str) for f in group_by) else group_by
                 ids = [group_ids_of(dataset, [f] if isinstance(f, str) else list(f)) for f in groupings]
                 batching = dict(batch_sampler=GroupedBatchSampler(
-                    ids[0] if len(ids) == 1 else ids, batch_size,
+                    ids, batch_size,
                     int(self.config.run_cfg.get("batch_groups_per_batch", 4)),
                     num_replicas=world[0], rank=world[1], seed=seed, epoch=self.start_epoch))
             elif self.use_distributed and (is_train or self.use_dist_eval_sampler):
