@@ -108,6 +108,14 @@ def _best(fn, repeats):
     return min(t[0] for t in times), min(t[1] for t in times)
 
 
+def _best_and_faults(fn, repeats):
+    """_best, and the bytes this process first touched (minor faults) per call."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    wall, cpu = _best(fn, repeats)
+    faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return wall, cpu, faulted * resource.getpagesize() / repeats
+
+
 def matmul_peak(size=2048, repeats=5):
     """Best fp32 matmul rate, (per wall second, per CPU second)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -293,10 +301,7 @@ def main():
         step(model, samples, optimizer, args.bf16)
     flops = counter.get_total_flops()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    seconds, cpu = _best(lambda: step(model, samples, optimizer, args.bf16), args.steps)
-    faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    faulted *= resource.getpagesize() / args.steps
+    seconds, cpu, faulted = _best_and_faults(lambda: step(model, samples, optimizer, args.bf16), args.steps)
     print(f"stage-1 step: {flops / 1e9:.1f} GFLOP (forward + backward; AdamW adds "
           f"~{10 * trainable / 1e9:.2f}), "
           f"{seconds:.2f} s wall, {cpu:.2f} s CPU -> {flops / seconds / 1e9:.1f} GFLOP/s = "
@@ -309,10 +314,8 @@ def main():
     # else allocates: it is process-wide and cannot be undone, so what follows runs with it too.
     if keep_freed_memory():
         step(model, samples, optimizer, args.bf16)  # the first step after it still maps afresh
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        kept_seconds, kept_cpu = _best(lambda: step(model, samples, optimizer, args.bf16), args.steps)
-        kept_faulted = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * resource.getpagesize() \
-            / args.steps
+        kept_seconds, kept_cpu, kept_faulted = _best_and_faults(lambda: step(model, samples, optimizer, args.bf16),
+                                                                args.steps)
         print(f"freed memory kept for reuse (runner_point on CPU): {kept_faulted / 2 ** 30:.2f} GiB first touched "
               f"per step; step {kept_seconds:.2f} s wall, {kept_cpu:.2f} s CPU: {seconds / kept_seconds:.2f}x wall, "
               f"{cpu / kept_cpu:.2f}x CPU against the step above")
