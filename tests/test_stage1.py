@@ -218,3 +218,26 @@ def test_a_batch_of_one_is_refused_with_the_batch_size_to_raise():
         sample_hard_negatives(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="batch_size_train"):
         small_stage1().train()({"point": torch.rand(1, 64, 6) * 2 - 1, "text_input": ["a red cube"]})
+
+
+def test_generation_loss_scores_only_positions_with_a_target_and_equals_the_loss_over_every_position():
+    """The LM head (a vocabulary-wide matmul) runs only where a token follows (padding has no target),
+    and the loss is the one over every position with padding ignored, as BLIP-2 computes it."""
+    model = small_stage1()
+    samples = batch()
+    samples["text_input"] = ["a cube", "a large blue sphere with a long caption here", "a cone", "a torus"]
+    captured, head_rows = {}, []
+    model.Qformer.register_forward_hook(
+        lambda module, args, kwargs, out: captured.update(hidden=out) if kwargs.get("causal") else None,
+        with_kwargs=True)
+    model.Qformer.cls.predictions.register_forward_hook(
+        lambda module, args, out: head_rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    loss_itg = model(samples)["loss_itg"]
+
+    tokens = model.tokenize(samples["text_input"])
+    targets = tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100)[:, 1:]
+    assert head_rows == [int((targets != -100).sum())] and head_rows[0] < targets.numel()
+    every = model.Qformer.lm_logits(captured["hidden"][:, model.query_tokens.shape[1]:-1])
+    expected = torch.nn.functional.cross_entropy(every.reshape(-1, every.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=-100, label_smoothing=0.1)
+    assert torch.allclose(loss_itg, expected, atol=1e-6)

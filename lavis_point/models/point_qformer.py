@@ -177,9 +177,11 @@ class PointQFormer(PointQueryModel):
         hidden = self.Qformer(query_embeds=self.query_tokens.expand(batch, -1, -1), input_ids=dec_ids,
                               attention_mask=tokens.attention_mask, points=points, causal=True)
         text_hidden = hidden[:, self.query_tokens.shape[1]:-1]  # position t predicts token t + 1
-        lm_logits = self.Qformer.lm_logits(text_hidden)
-        loss_itg = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]), targets[:, 1:].reshape(-1),
-                                   ignore_index=-100, label_smoothing=0.1)
+        # The vocabulary-wide head only where a token follows: padding's logits would be ignored anyway
+        # (a quarter of the positions in the embedded default's batches).
+        has_target = targets[:, 1:] != -100
+        lm_logits = self.Qformer.lm_logits(text_hidden[has_target])
+        loss_itg = F.cross_entropy(lm_logits, targets[:, 1:][has_target], label_smoothing=0.1)
 
         losses = {"loss_itc": loss_itc, "loss_itm": loss_itm, "loss_itg": loss_itg}
         if self.global_itc_weight > 0:
