@@ -163,3 +163,40 @@ def test_freezing_a_model_by_hand_does_not_make_its_trained_parts_optional(tmp_p
     model = small_stage2().requires_grad_(False)
     with pytest.raises(CheckpointError, match=r"missing keys .*opt_proj\."):
         model.load_checkpoint(str(tmp_path / "stage1.pth"))
+
+
+def save_with_lavis_runner(model, folder):
+    """A checkpoint written by LAVIS's own RunnerBase._save_checkpoint (the stock runner, GPT4Point's)."""
+    from types import SimpleNamespace
+
+    from lavis.runners.runner_base import RunnerBase
+
+    runner = SimpleNamespace(model=model, unwrap_dist_model=lambda m: m, output_dir=str(folder), scaler=None,
+                             optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]),
+                             config=SimpleNamespace(to_dict=dict))
+    RunnerBase._save_checkpoint(runner, 0)
+    return str(folder / "checkpoint_0.pth")
+
+
+def test_a_lavis_runner_file_of_a_frozen_opt_loads(tmp_path):
+    """The OPT's output head is tied to its input embeddings, so the stock runner, which drops frozen
+    parameters by their first name, keeps the head's second name: a frozen OPT that is not absent whole.
+    That one alias must not make the file's OPT count as present (and then every other OPT key missing)."""
+    src = small_stage2(freeze_opt=True)
+    path = save_with_lavis_runner(src, tmp_path)
+    assert [k for k in torch.load(path)["model"] if k.startswith("opt_model.")] == ["opt_model.lm_head.weight"]
+    dst = small_stage2(freeze_opt=True)
+    dst.opt_model.load_state_dict(src.opt_model.state_dict())  # the same pretrained OPT, as a run configures
+    dst.load_checkpoint(path)
+    assert all(torch.equal(a, b) for a, b in zip(dst.state_dict().values(), src.state_dict().values()))
+
+
+def test_one_name_of_a_tied_tensor_is_enough(tmp_path):
+    """A file holding the OPT's input embeddings but not the head tied to them holds the head too."""
+    src = small_stage2()
+    state = src.state_dict()
+    del state["opt_model.lm_head.weight"]
+    torch.save({"model": state}, tmp_path / "untied_name.pth")
+    dst = small_stage2()
+    dst.load_checkpoint(str(tmp_path / "untied_name.pth"))
+    assert torch.equal(dst.opt_model.lm_head.weight, src.opt_model.lm_head.weight)

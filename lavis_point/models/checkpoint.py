@@ -5,7 +5,9 @@
 - Keys of *frozen* top-level parts (a frozen encoder, a frozen OPT) may be absent: runner checkpoints
   leave them out. They are reported, never required. A part is absent whole or present whole: a file
   holding any of its parameters must hold all its keys (LAVIS's runner keeps a frozen part's buffers
-  only: that part counts as absent).
+  and the second name of a tied weight, the OPT's ``lm_head.weight``: that part counts as absent, and
+  what the runner kept loads).
+- Of names the model ties to one tensor, one in the file is enough.
 - Keys a model declares ignorable (regexes: stage-1 heads when stage 2 starts from a stage-1 file,
   an image encoder in a BLIP-2 file) are reported and skipped.
 - Keys a model declares optional for a load (what stage 2 adds to a stage-1 file) may be absent.
@@ -127,10 +129,12 @@ def frozen_prefixes(model: torch.nn.Module) -> list:
 
 
 def holds_parameters_of(state_dict: dict, model: torch.nn.Module, part: str) -> bool:
-    """Whether ``state_dict`` holds any parameter of ``model``'s top-level ``part`` ("point_encoder.").
-    Buffers alone do not count: LAVIS's runner keeps a frozen part's BatchNorm statistics, not its weights."""
+    """Whether ``state_dict`` holds any parameter of ``model``'s top-level ``part`` ("point_encoder.")
+    under the name ``named_parameters()`` gives it. What LAVIS's runner keeps of a frozen part does not
+    count: its buffers (BatchNorm statistics) and the second name of a tied weight (the OPT's
+    ``lm_head.weight``, tied to its input embeddings), since the runner drops parameters by those names."""
     child = model.get_submodule(part.rstrip("."))
-    return any(part + name in state_dict for name, _ in child.named_parameters(remove_duplicate=False))
+    return any(part + name in state_dict for name, _ in child.named_parameters())
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict:
@@ -147,14 +151,19 @@ def _partition(keys, accept):
     return yes, no
 
 
-def _tied_disagreements(model, state_dict):
-    """Groups of names the model ties to one tensor (the Q-Former's LM decoder and word embeddings)
-    whose values in ``state_dict`` differ."""
+def _tied_groups(model):
+    """Lists of two or more parameter names the model ties to one tensor (the Q-Former's LM decoder and
+    word embeddings, the OPT's head and input embeddings)."""
     groups = {}
     for name, tensor in model.named_parameters(remove_duplicate=False):
         groups.setdefault((tensor.data_ptr(), tensor.shape), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _tied_disagreements(model, state_dict):
+    """Tied groups whose values in ``state_dict`` differ."""
     disagreeing = []
-    for names in groups.values():
+    for names in _tied_groups(model):
         values = [state_dict[n] for n in names if n in state_dict]
         if len(values) > 1 and not all(torch.equal(values[0], v) for v in values[1:]):
             disagreeing.append(names)
@@ -172,7 +181,9 @@ def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), 
     own = model.state_dict()
     ignored, unexpected = _partition((k for k in state_dict if k not in own),
                                      lambda k: any(p.match(k) for p in ignore))
-    absent_ok, missing = _partition((k for k in own if k not in state_dict),
+    # One name of a tied tensor loads all its names.
+    held_by_alias = {k for names in _tied_groups(model) if any(n in state_dict for n in names) for k in names}
+    absent_ok, missing = _partition((k for k in own if k not in state_dict and k not in held_by_alias),
                                     lambda k: bool(optional) and k.startswith(optional))
     mis_shaped = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
