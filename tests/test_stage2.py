@@ -235,3 +235,59 @@ def test_beam_answers_do_not_depend_on_the_other_questions_of_the_batch(monkeypa
     assert len(calls) == 2 and all(bool(mask.all()) for mask in calls)  # no padding in any call
     model.predict_answers({"point": clouds(), "text_input": questions}, prompt=prompt, num_beams=1)
     assert len(calls) == 3  # greedy has no length term: one call
+
+
+def test_a_question_or_caption_given_as_one_string_is_one_text_not_its_characters(monkeypatch):
+    """As LAVIS's VQA models do, a string ``text_input`` is a list of one."""
+    model = small_stage2().eval()
+    pts = clouds()[:1]
+    question, prompt = "what colour is it?", "Question: {} Answer: "
+    asked, generate = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda samples, **kw: asked.append(kw["prompt"]) or generate(samples, **kw))
+    for beams in (1, 2):
+        got = model.predict_answers({"point": pts, "text_input": question}, prompt=prompt, num_beams=beams)
+        assert len(got) == 1 and asked[-1] == [prompt.format(question)]
+    one = model({"point": pts, "text_input": CAPTIONS[0]})["loss"]
+    assert torch.allclose(one, model({"point": pts, "text_input": [CAPTIONS[0]]})["loss"])
+
+
+def test_prompts_or_texts_not_one_per_cloud_are_refused_with_both_counts():
+    model = small_stage2().eval()
+    two, one = clouds(), clouds()[:1]
+    with pytest.raises(ValueError, match="2 point clouds but 1 prompts"):
+        model.generate({"point": two, "prompt": ["a"]}, num_beams=2, max_length=3)
+    with pytest.raises(ValueError, match="2 point clouds but 1 prompts"):
+        model.generate({"point": two}, prompt=["a"], num_beams=1, max_length=3)
+    with pytest.raises(ValueError, match="1 point clouds but 2 prompts"):
+        model.generate({"point": one, "prompt": ["a", "b"]}, num_beams=1, max_length=3)
+    with pytest.raises(ValueError, match="2 point clouds but 1 prompts"):
+        model({"point": two, "text_input": CAPTIONS, "prompt": ["a"]})
+    with pytest.raises(ValueError, match="2 point clouds but 1 text_input"):
+        model({"point": two, "text_input": CAPTIONS[:1]})
+    with pytest.raises(ValueError, match="1 point clouds but 2 text_input"):
+        model.predict_answers({"point": one, "text_input": ["what is it?", "how big?"]}, num_beams=1)
+
+
+def test_a_prompt_that_leaves_no_room_for_the_text_within_max_txt_len_is_refused():
+    """Its sample would have no token with loss (and a batch of such samples a NaN loss)."""
+    model = small_stage2(max_txt_len=8)
+    prompt = "Question: what colour is this small object? Answer: "
+    n = model.prompt_length(prompt)
+    assert n >= 8
+    with pytest.raises(ValueError, match=f"{n} tokens.*max_txt_len \\(8\\)"):
+        model({"point": clouds(), "text_input": ["red", "blue"], "prompt": [prompt, "a"]})
+    loss = model({"point": clouds(), "text_input": CAPTIONS, "prompt": ["a", "the"]})["loss"]
+    assert torch.isfinite(loss)  # a long caption is cut at max_txt_len, as in BLIP-2
+
+
+def test_running_past_the_position_table_is_refused_with_the_lengths():
+    model = small_stage2(max_txt_len=200).eval()  # 4 query tokens, max_position_embeddings 64
+    n = model.prompt_length(model.prompt.rstrip())
+    with pytest.raises(ValueError, match=f"= 4 \\+ {n} \\+ 70 tokens.*max_position_embeddings \\(64\\)"):
+        model.generate({"point": clouds()}, num_beams=1, max_length=70, min_length=60)
+    with pytest.raises(ValueError, match="max_position_embeddings \\(64\\)"):
+        model.predict_answers({"point": clouds()[:1], "text_input": ["is it " + "very " * 60 + "red?"]},
+                              prompt="Question: {} Answer: ", num_beams=2)
+    with pytest.raises(ValueError, match="max_position_embeddings \\(64\\)"):
+        model({"point": clouds(), "text_input": ["a " + "very " * 70 + "red cube", "a sphere"]})
+    assert len(model.generate({"point": clouds()}, num_beams=1, max_length=64 - 4 - n)) == 2  # just fits

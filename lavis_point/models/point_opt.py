@@ -23,6 +23,12 @@ from lavis_point.paths import asset_path, config_path
 log = logging.getLogger(__name__)
 
 
+def one_per_cloud(count, batch, what):
+    if count != batch:
+        raise ValueError(f"point_opt: {batch} point clouds but {count} {what}: give one per cloud"
+                         f"{' or one string for all' if what == 'prompts' else ''}")
+
+
 class PrefixOPTForCausalLM(OPTForCausalLM):
     """OPT that accepts ``prefix_embeds`` (B, P, D) in ``generate``: prepended to the token
     embeddings on the first step (or on every step when the cache is off)."""
@@ -125,13 +131,21 @@ class PointOPT(PointQueryModel):
     def forward(self, samples):
         prefix = self.prefix_embeds(samples["point"])
         prompts = self.prompts_of(samples.get("prompt"), prefix.shape[0])
-        texts = [p + t + "\n" for p, t in zip(prompts, samples["text_input"])]
+        lengths = [self.prompt_length(p) for p in prompts]
+        for p, n in zip(prompts, lengths):  # a prompt filling max_txt_len leaves no token with loss (all: NaN)
+            if n >= self.max_txt_len:
+                raise ValueError(f"point_opt: the prompt {p!r} is {n} tokens, which leaves "
+                                 f"no room for the text within max_txt_len ({self.max_txt_len}): raise "
+                                 f"model.max_txt_len or shorten the prompt")
+        texts = [p + t + "\n" for p, t in zip(prompts, self.texts_of(samples))]
         self.opt_tokenizer.padding_side = "right"
         tokens = self.opt_tokenizer(texts, return_tensors="pt", padding="longest", truncation=True,
                                     max_length=self.max_txt_len).to(self.device)
+        self.check_positions("lower model.max_txt_len", prefix=prefix.shape[1],
+                             prompt_and_text=tokens.input_ids.shape[1])
         targets = tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100)
-        for i, p in enumerate(prompts):  # no loss on the prompt (BOS included)
-            targets[i, : self.prompt_length(p)] = -100
+        for i, n in enumerate(lengths):  # no loss on the prompt (BOS included)
+            targets[i, :n] = -100
         prefix_targets = torch.full(prefix.shape[:2], -100, dtype=torch.long, device=self.device)
         embeds = torch.cat([prefix, self.opt_model.get_input_embeddings()(tokens.input_ids)], dim=1)
         mask = torch.cat([torch.ones(prefix.shape[:2], dtype=tokens.attention_mask.dtype, device=self.device),
@@ -141,10 +155,28 @@ class PointOPT(PointQueryModel):
         return {"loss": out.loss}
 
     def prompts_of(self, prompt, batch):
-        """``batch`` prompts from a string, a list (None: the model's prompt, as a caption item without
-        one carries) or None (the model's prompt for all)."""
+        """``batch`` prompts from a string, a list of ``batch`` (None: the model's prompt, as a caption
+        item without one carries) or None (the model's prompt for all)."""
         prompts = [prompt] * batch if prompt is None or isinstance(prompt, str) else list(prompt)
+        one_per_cloud(len(prompts), batch, "prompts")
         return [self.prompt if p is None else p for p in prompts]
+
+    @staticmethod
+    def texts_of(samples):
+        """``samples["text_input"]`` as a list of one text per cloud; a string is one text (as in
+        LAVIS's VQA models), not a list of characters."""
+        texts = samples["text_input"]
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        one_per_cloud(len(texts), len(samples["point"]), "text_input")
+        return texts
+
+    def check_positions(self, fix, **lengths):
+        """OPT's learned positions end at max_position_embeddings; past it, a bare IndexError in the
+        embedding (a device assert on CUDA). ``lengths``: the parts' token counts, by name."""
+        limit = self.opt_model.config.max_position_embeddings
+        if sum(lengths.values()) > limit:
+            raise ValueError(f"point_opt: {' + '.join(lengths)} = {' + '.join(map(str, lengths.values()))} tokens "
+                             f"exceeds the LM's max_position_embeddings ({limit}): {fix}")
 
     def prompt_length(self, prompt):
         """Tokens of ``prompt`` inside ``prompt + text``. A trailing space is left out: byte-level BPE
@@ -171,10 +203,12 @@ class PointOPT(PointQueryModel):
                        eos_token_id=self.end_token_id, pad_token_id=self.opt_tokenizer.pad_token_id,
                        repetition_penalty=repetition_penalty, length_penalty=length_penalty,
                        num_return_sequences=num_captions, use_cache=use_cache)
-        lengths = [len(ids) for ids in self.opt_tokenizer(prompts).input_ids] if num_beams > 1 else [0] * batch
+        lengths = [len(ids) for ids in self.opt_tokenizer(prompts).input_ids]
+        self.check_positions("lower max_length or shorten the prompt", prefix=prefix.shape[1],
+                             prompt=max(lengths), max_length=max_length)
         groups = {}  # items by prompt length in tokens
         for i, n in enumerate(lengths):
-            groups.setdefault(n, []).append(i)
+            groups.setdefault(n if num_beams > 1 else 0, []).append(i)
         # Beam search divides a beam's score by its length, left padding included: prompts of unequal
         # length in one call made an answer depend on the other questions of the batch. One call per
         # prompt length (one call in all for captions, whose prompt is one).
@@ -203,7 +237,7 @@ class PointOPT(PointQueryModel):
         if inference_method != "generate":
             raise ValueError(f"point_opt answers by generation only, not inference_method "
                              f"{inference_method!r}: set run.inference_method: generate")
-        questions = samples["text_input"]
+        questions = self.texts_of(samples)
         prompts = [prompt.format(q) if prompt else q for q in questions]
         return self.generate(samples, num_beams=num_beams, max_length=max_len, min_length=min_len,
                              prompt=prompts, **kwargs)
