@@ -241,3 +241,10 @@ def test_generation_loss_scores_only_positions_with_a_target_and_equals_the_loss
     expected = torch.nn.functional.cross_entropy(every.reshape(-1, every.shape[-1]), targets.reshape(-1),
                                                  ignore_index=-100, label_smoothing=0.1)
     assert torch.allclose(loss_itg, expected, atol=1e-6)
+
+
+def test_captions_not_one_per_cloud_are_refused_with_both_counts():
+    samples = batch()
+    for texts in ("a small red cube", TEXTS[:3]):  # a string is one caption, not a list of its characters
+        with pytest.raises(ValueError, match="4 point clouds but 1 text_input|4 point clouds but 3 text_input"):
+            small_stage1()({**samples, "text_input": texts})

@@ -51,6 +51,12 @@ def encoder_config(cfg):
     return OmegaConf.merge(base, cfg)
 
 
+def one_per_cloud(count, batch, what):
+    if count != batch:
+        raise ValueError(f"{batch} point clouds but {count} {what}: give one per cloud"
+                         f"{' or one string for all' if what == 'prompts' else ''}")
+
+
 class PointQueryModel(BaseModel):
     """Base of ``point_qformer`` and ``point_opt``. Subclasses set ``QUERY_ONLY``,
     ``IGNORABLE_KEYS`` (regexes of keys other stages or layouts carry that this model does not use) and
@@ -117,6 +123,14 @@ class PointQueryModel(BaseModel):
         outputs (B, Q, hidden)."""
         queries = self.query_tokens.expand(len(point_tokens), -1, -1)
         return self.Qformer(query_embeds=queries, points=point_tokens)
+
+    def texts_of(self, samples):
+        """``samples["text_input"]`` as a list of one text per cloud; a string is one text (as in
+        LAVIS's VQA models), not a list of characters."""
+        texts = samples["text_input"]
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        one_per_cloud(len(texts), len(samples["point"]), "text_input")
+        return texts
 
     def frozen_parts(self):
         """Top-level parts the config freezes (checkpoint.py: runner checkpoints leave them out)."""

@@ -17,16 +17,10 @@ from lavis.common.registry import registry
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
 
-from lavis_point.models.point_base import PointQueryModel
+from lavis_point.models.point_base import PointQueryModel, one_per_cloud
 from lavis_point.paths import asset_path, config_path
 
 log = logging.getLogger(__name__)
-
-
-def one_per_cloud(count, batch, what):
-    if count != batch:
-        raise ValueError(f"point_opt: {batch} point clouds but {count} {what}: give one per cloud"
-                         f"{' or one string for all' if what == 'prompts' else ''}")
 
 
 class PrefixOPTForCausalLM(OPTForCausalLM):
@@ -160,15 +154,6 @@ class PointOPT(PointQueryModel):
         prompts = [prompt] * batch if prompt is None or isinstance(prompt, str) else list(prompt)
         one_per_cloud(len(prompts), batch, "prompts")
         return [self.prompt if p is None else p for p in prompts]
-
-    @staticmethod
-    def texts_of(samples):
-        """``samples["text_input"]`` as a list of one text per cloud; a string is one text (as in
-        LAVIS's VQA models), not a list of characters."""
-        texts = samples["text_input"]
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        one_per_cloud(len(texts), len(samples["point"]), "text_input")
-        return texts
 
     def check_positions(self, fix, **lengths):
         """OPT's learned positions end at max_position_embeddings; past it, a bare IndexError in the

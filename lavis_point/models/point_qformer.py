@@ -141,7 +141,7 @@ class PointQFormer(PointQueryModel):
         return positives
 
     def forward(self, samples):
-        texts = samples["text_input"]
+        texts = self.texts_of(samples)
         point_tokens = self.encode_point_tokens(samples["point"])
         points = self.Qformer.project_points(point_tokens)  # keys and values once for all three passes
         _, point_feats = self.point_features(points)
