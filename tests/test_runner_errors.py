@@ -179,3 +179,21 @@ def test_train_refuses_a_validation_split_no_dataset_builds_before_training(monk
     with pytest.raises(ValueError) as error:
         script(monkeypatch, "train.py", "projects/embedded/stage1.yaml", tmp_path, "run.valid_splits=[vall]")
     assert "run.valid_splits" in str(error.value) and "['vall']" in str(error.value)
+
+
+# --- a frozen encoder that no file gave weights -------------------------------------------------
+
+
+def test_training_refuses_a_frozen_encoder_that_no_file_gave_weights(tmp_path):
+    """The GPT4Point-size YAMLs read the encoder file from $LAVIS_POINT_ENCODER: run without it, stage 1
+    trained for hours on a random encoder that nothing could change, and only evaluation refused it."""
+    from tests.small_models import small_stage1
+
+    model = small_stage1(freeze_encoder=True)
+    with pytest.raises(CheckpointError, match=r"point_encoder is frozen .*\$LAVIS_POINT_ENCODER"):
+        runner(tmp_path, "frozen", model=model).train()
+    assert not os.path.exists(tmp_path / "frozen" / "checkpoint_last.pth")
+    torch.save(model.point_encoder.state_dict(), tmp_path / "encoder.pth")
+    model.point_encoder.load_checkpoint(str(tmp_path / "encoder.pth"))
+    assert model.frozen_without_weights() == []
+    assert small_stage1().frozen_without_weights() == []  # a trainable encoder may start random

@@ -132,6 +132,10 @@ class PointQueryModel(BaseModel):
         one_per_cloud(len(texts), len(samples["point"]), "text_input")
         return texts
 
+    def frozen_without_weights(self):
+        """Frozen parts no file gave weights: training can never change them (the runner refuses)."""
+        return ["point_encoder"] if self.freeze_encoder and self.point_encoder.weights_from is None else []
+
     def frozen_parts(self):
         """Top-level parts the config freezes (checkpoint.py: runner checkpoints leave them out)."""
         return ["point_encoder"] if self.freeze_encoder else []

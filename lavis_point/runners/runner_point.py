@@ -163,6 +163,11 @@ class RunnerPoint(RunnerBase):
         best_agg_metric, best_epoch = 0, 0
         self.best_saved = False  # checkpoint_best.pth written (or copied on resume) in this run's folder
         self.log_config()
+        if not self.evaluate_only and getattr(self._model, "frozen_without_weights", list)():
+            raise CheckpointError(
+                "model.point_encoder is frozen and no file gave it weights: training would leave it random. Set "
+                "model.point_encoder.checkpoint (the GPT4Point-size YAMLs read $LAVIS_POINT_ENCODER), start from "
+                "a model.pretrained file that holds it, or train it (model.freeze_encoder: false)")
         if self.valid_splits and "val" not in self.valid_splits and not self.evaluate_only:
             logging.warning("run.valid_splits %s has no split named 'val': as in LAVIS, no checkpoint_best.pth "
                             "is chosen, and the final test uses the model of the last epoch",
