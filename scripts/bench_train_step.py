@@ -22,6 +22,9 @@ loop over the tensors).
   after what runner_point does on CPU, keeping freed memory for reuse (``runners/host_memory.py``):
   its faults and time, and the ratio; the profile and the AdamW line then run with it, as training
   does.
+- Generation head: the 30523-word head and its loss alone, forward + backward, on the batch's captions,
+  over every text position (as before) and over the positions with a target only (as point_qformer
+  computes it now: padding has no target), alternating, best of 3 each.
 - Memory (``--memory``): a child process runs one step of the GPT4Point-size config (12-layer
   Point-BERT on 8192 points, frozen, as GPT4Point trains stage 1) at batch 32 (``--memory-batch``)
   and reports its peak RSS. Its address space is capped (``--memory-limit-gb`` beyond what it maps
@@ -40,6 +43,7 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import record_function
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -226,6 +230,34 @@ def compare_adamw(model, samples, optimizer, bf16, repeats=2):
     return loop, fast
 
 
+def compare_generation_head(model, samples, repeats=3):
+    """The 30523-word generation head and its loss, forward + backward, on this batch's captions: over
+    every text position (as before) vs only the positions that have a target (padding has none), as
+    point_qformer computes it. Returns (share of positions with a target, seconds every, seconds targeted)."""
+    tokens = model.tokenize(samples["text_input"])
+    targets = tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100)[:, 1:]
+    has_target = targets != -100
+    hidden = torch.randn(*targets.shape, model.Qformer.cfg["hidden_size"], requires_grad=True)
+
+    def every():
+        logits = model.Qformer.lm_logits(hidden)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                        label_smoothing=0.1).backward()
+        model.zero_grad(set_to_none=True)
+
+    def targeted():
+        F.cross_entropy(model.Qformer.lm_logits(hidden[has_target]), targets[has_target],
+                        label_smoothing=0.1).backward()
+        model.zero_grad(set_to_none=True)
+
+    every(), targeted()  # warm-up
+    times = {every: [], targeted: []}
+    for _ in range(repeats):  # alternating, so both meet the same load
+        for fn in times:
+            times[fn].append(_timed(fn)[0])
+    return float(has_target.float().mean()), min(times[every]), min(times[targeted])
+
+
 def _available_bytes():
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
@@ -332,6 +364,9 @@ def main():
     print(f"AdamW step alone, {trainable / 1e6:.0f}M parameters: RunnerBase's default (loop) {loop:.2f} s, "
           f"runner_point's fused=True {fast:.2f} s ({loop / fast:.1f}x)")
 
+    share, every, targeted = compare_generation_head(model, samples)
+    print(f"generation head + loss alone (forward + backward), {100 * share:.0f}% of the text positions with a "
+          f"target: every position {every:.3f} s, only those {targeted:.3f} s ({every / targeted:.2f}x)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
