@@ -197,3 +197,17 @@ def test_training_refuses_a_frozen_encoder_that_no_file_gave_weights(tmp_path):
     model.point_encoder.load_checkpoint(str(tmp_path / "encoder.pth"))
     assert model.frozen_without_weights() == []
     assert small_stage1().frozen_without_weights() == []  # a trainable encoder may start random
+
+
+# --- warmup longer than an epoch ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["linear_warmup_cosine_lr", "linear_warmup_step_lr"])
+def test_warmup_longer_than_the_first_epoch_is_refused_with_the_epochs_steps(tmp_path, schedule):
+    """LAVIS's schedulers warm up during epoch 0 only: 5000 warmup steps on 8 GPUs (about 2500 Cap3D
+    steps an epoch) stopped at half the rate and jumped to it at epoch 1."""
+    with pytest.raises(ValueError, match=r"run.warmup_steps \(5\) .* 4 steps of an epoch"):
+        runner(tmp_path, "long", warmup_steps=5, lr_sched=schedule).train()
+    assert not os.path.exists(tmp_path / "long" / "checkpoint_last.pth")
+    r = train(tmp_path, "fits", Recording(), warmup_steps=4, lr_sched=schedule)  # the whole first epoch
+    assert os.path.exists(os.path.join(r.output_dir, "checkpoint_last.pth"))

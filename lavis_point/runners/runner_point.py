@@ -58,6 +58,10 @@ from lavis_point.runners.grouped_batches import GroupedBatchSampler, group_ids_o
 from lavis_point.runners.host_memory import keep_freed_memory
 
 
+# LAVIS's lr schedulers that warm up during epoch 0 only (lavis/common/optims.py)
+LAVIS_EPOCH0_WARMUP = ("linear_warmup_cosine_lr", "linear_warmup_step_lr")
+
+
 class EpochLoader(IterLoader):
     """LAVIS's IterLoader (endless; a new pass, and ``set_epoch`` on a distributed sampler, at each
     epoch change) without the 2 s ``time.sleep`` it adds at every epoch change, 12 s of the main job.
@@ -174,6 +178,14 @@ class RunnerPoint(RunnerBase):
                             list(self.valid_splits))
         if not self.evaluate_only and self.resume_ckpt_path is not None:
             best_agg_metric, best_epoch = self._load_checkpoint(self.resume_ckpt_path)
+        # after the resume: the loaders start at the resumed epoch
+        warmup, schedule = int(self.config.run_cfg.get("warmup_steps", 0)), self.config.run_cfg.get("lr_sched")
+        if not self.evaluate_only and schedule in LAVIS_EPOCH0_WARMUP and warmup > len(self.train_loader):
+            raise ValueError(
+                f"run.warmup_steps ({warmup}) exceeds the {len(self.train_loader)} steps of an epoch (this "
+                f"run's data, batch size and number of processes): LAVIS's {schedule} warms up during the "
+                f"first epoch only, so the rate would stop short of run.init_lr and jump to it at the second. "
+                f"Set run.warmup_steps to at most {len(self.train_loader)}")
         cur_epoch = self.start_epoch
         for cur_epoch in range(self.start_epoch, self.max_epoch):
             if not self.evaluate_only:
