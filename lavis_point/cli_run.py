@@ -36,19 +36,21 @@ def parse_args(description):
 
 
 def init_distributed(run_cfg):
-    """Under torchrun: one process group, gloo on CPU, nccl on GPU. Otherwise a plain process."""
-    if run_cfg.device == "cuda" and not torch.cuda.is_available():
+    """Under torchrun: one process group, gloo on CPU, nccl on GPU (each rank on its LOCAL_RANK's GPU,
+    whatever index run.device names). Otherwise a plain process."""
+    on_gpu = torch.device(run_cfg.device).type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
         # A named logger: logging.warning() would configure the root logger at WARNING before
         # setup_logger() runs, and every later INFO line (config, training, metrics) would vanish.
         logging.getLogger(__name__).warning("run.device is cuda but no GPU is visible: running on CPU")
-        run_cfg.device = "cpu"
+        run_cfg.device, on_gpu = "cpu", False
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         run_cfg.distributed = False
         return
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    on_gpu = run_cfg.device == "cuda"
     if on_gpu:
         torch.cuda.set_device(local_rank)
+        run_cfg.device = "cuda"  # the current device: this rank's, not the index a YAML may name
     run_cfg.distributed, run_cfg.gpu = True, local_rank
     run_cfg.rank, run_cfg.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group(backend="nccl" if on_gpu else "gloo", init_method="env://",
