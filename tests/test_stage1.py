@@ -248,3 +248,17 @@ def test_captions_not_one_per_cloud_are_refused_with_both_counts():
     for texts in ("a small red cube", TEXTS[:3]):  # a string is one caption, not a list of its characters
         with pytest.raises(ValueError, match="4 point clouds but 1 text_input|4 point clouds but 3 text_input"):
             small_stage1()({**samples, "text_input": texts})
+
+
+def test_similarity_is_computed_in_chunks_of_clouds_with_the_same_result(monkeypatch):
+    """The (P, Q, T) products before the max over queries took P * Q * T * 4 bytes at once: 16 GB for
+    5000 clouds x 25000 captions. Chunks of clouds give each row exactly as before."""
+    from lavis_point.models import point_qformer
+
+    points, texts = torch.randn(37, 4, 8), torch.randn(11, 8)
+    whole = torch.einsum("pqd,td->pqt", points, texts).max(dim=1).values
+    sizes = []
+    monkeypatch.setattr(point_qformer, "SIMILARITY_CHUNK_VALUES", 4 * 11 * 5)  # 5 clouds at a time
+    monkeypatch.setattr(torch, "einsum", lambda eq, a, b, einsum=torch.einsum: sizes.append(len(a)) or einsum(eq, a, b))
+    assert torch.equal(point_qformer.PointQFormer.point_text_similarity(points, texts), whole)
+    assert max(sizes) == 5 and sum(sizes) == 37

@@ -35,6 +35,9 @@ from lavis_point.models.point_base import PointQueryModel
 from lavis_point.paths import config_path
 
 
+SIMILARITY_CHUNK_VALUES = 1 << 26  # 256 MB of float32 products at a time
+
+
 @registry.register_model("point_qformer")
 class PointQFormer(PointQueryModel):
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -114,8 +117,12 @@ class PointQFormer(PointQueryModel):
 
     @staticmethod
     def point_text_similarity(point_feats, text_feats):
-        """(P, Q, D) x (T, D) -> (P, T): the best query's cosine similarity."""
-        return torch.einsum("pqd,td->pqt", point_feats, text_feats).max(dim=1).values
+        """(P, Q, D) x (T, D) -> (P, T): the best query's cosine similarity. In chunks of clouds whose
+        (chunk, Q, T) products stay under SIMILARITY_CHUNK_VALUES (all P at once took P * Q * T * 4 bytes)."""
+        chunk = max(1, SIMILARITY_CHUNK_VALUES // max(1, point_feats.shape[1] * text_feats.shape[0]))
+        return torch.cat([torch.einsum("pqd,td->pqt", part, text_feats).max(dim=1).values
+                          for part in point_feats.split(chunk)]) if len(point_feats) else \
+            point_feats.new_zeros(0, text_feats.shape[0])
 
     def match_logits(self, point_tokens, input_ids, attention_mask):
         """Matching head: (B, 2) logits, class 1 = the text describes the cloud. ``point_tokens``: (B, G, W)
