@@ -272,3 +272,40 @@ def test_collate_keeps_a_key_with_none_as_a_list_and_still_stacks_arrays():
     batch = collate([{"a": np.zeros(2), "prompt": None}, {"a": np.ones(2), "prompt": "Question: "}])
     assert batch["prompt"] == [None, "Question: "]
     assert torch.equal(batch["a"], torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64))
+
+
+def test_shards_hold_a_bounded_number_of_open_files(tmp_path, monkeypatch):
+    """Each memory map holds a file descriptor: with more shards than the soft limit (often 1024; a
+    Cap3D conversion at --shard-size 512 makes 1290), every item of a shard opened past it failed with
+    'Too many open files', and training swapped it for another as a bad sample."""
+    from lavis_point.data_io import shards
+
+    monkeypatch.setattr(shards, "MAX_OPEN_SHARDS", 2)
+    for number in range(5):
+        np.save(tmp_path / shard_name("train", number), np.full((3, 4, 6), number, dtype=np.float16))
+    clouds = ShardedClouds(str(tmp_path), "train")
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    for number in [0, 1, 2, 3, 4, 0, 4]:
+        row = clouds[{"shard": shard_name("train", number), "index": 1}]
+        assert float(row[0, 0]) == number
+        del row  # a row view keeps its map (and descriptor) alive; none is held here
+    assert open_fds() - before <= 2
+    rows, positions = clouds.parts([{"shard": shard_name("train", n), "index": 2} for n in (3, 1)])[0][1:3]
+    assert rows.tolist() == [2] and positions.tolist() == [0]
+
+
+def test_running_out_of_file_descriptors_stops_instead_of_skipping_samples(monkeypatch):
+    """EMFILE says nothing about the sample: skipping would drop every cloud read past the limit."""
+    import errno
+
+    from lavis_point.datasets.bad_samples import load_or_skip
+
+    def load(i):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with pytest.raises(OSError, match="Too many open files"):
+        load_or_skip(load, 0, 10, True, str)

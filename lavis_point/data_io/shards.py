@@ -18,6 +18,10 @@ import os
 import numpy as np
 
 
+# Memory maps one process keeps open (one file descriptor each; the soft limit is often 1024).
+MAX_OPEN_SHARDS = 128
+
+
 def single_shard_name(split):
     return f"{split}_points.npy"
 
@@ -47,12 +51,17 @@ class ShardedClouds:
         self._open, self._stats = {}, {}
 
     def shard(self, name):
-        array = self._open.get(name)
+        """The shard's memory map. Each holds a file descriptor, so a process keeps the
+        MAX_OPEN_SHARDS used last and lets go of older ones (closed once no row of theirs is held)."""
+        array = self._open.pop(name, None)
         if array is None:
             path = os.path.join(self.folder, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: point shard named by the index is missing")
-            array = self._open[name] = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        self._open[name] = array  # the most recently used last
+        if len(self._open) > MAX_OPEN_SHARDS:
+            del self._open[next(iter(self._open))]
         return array
 
     def stats(self, name):

@@ -11,6 +11,7 @@ Every item carries the failures it met under ``"skipped"``. ``collate_counting_s
 dropped items, collates the rest and puts all failures of the batch in ``batch["skipped"]``; the
 task's loops pop it, count, and report the total (summed over ranks) at the end of the epoch.
 """
+import errno
 import logging
 
 import numpy as np
@@ -33,6 +34,8 @@ def load_or_skip(load, i, num_items, is_train, describe):
         try:
             item = load(i)
         except BAD_SAMPLE_ERRORS as e:
+            if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+                raise  # the process ran out of files, not the sample: skipping would drop every later cloud
             failures.append(f"{describe(i)}: {e}")
             log.warning("bad sample %s", failures[-1])
             if not is_train:
