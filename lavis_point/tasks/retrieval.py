@@ -86,7 +86,8 @@ class PointRetrievalTask(PointBaseTask):
                             "at recall@%d (a candidate outside a query's top k_test is never re-scored)",
                             self.k_test, max(KS), self.k_test, self.k_test)
         device = model_device(model)
-        # This rank's clouds: features for everyone, point tokens kept here for the matching head.
+        # This rank's clouds: features for everyone, point tokens kept here for the matching head, in host
+        # memory (on the GPU, 5000 clouds' GPT4Point-size tokens took 14 GB, twice that in the cat).
         # A cloud that cannot be read is dropped with its captions, counted (num_skipped).
         local_ids, local_feats, local_tokens, failures = [], [], [], []
         for samples in data_loader:
@@ -97,7 +98,7 @@ class PointRetrievalTask(PointBaseTask):
             _, tokens, feats = model.encode_points(samples["point"])
             local_ids += list(samples["instance_id"])
             local_feats.append(feats.cpu())
-            local_tokens.append(tokens)
+            local_tokens.append(tokens.cpu())
         self.skipped_in_evaluation = report_skipped(failures, "evaluation", distinct=True)
         local_tokens = torch.cat(local_tokens) if local_tokens else None
 
@@ -174,9 +175,9 @@ class PointRetrievalTask(PointBaseTask):
         scores = []
         for s in range(0, len(pairs), self.rerank_batch_size):
             chunk = pairs[s: s + self.rerank_batch_size]
-            rows = torch.tensor([owner_row[i] for i, _ in chunk], device=local_tokens.device)
+            rows = torch.tensor([owner_row[i] for i, _ in chunk])
             texts = torch.tensor([t for _, t in chunk])
-            logits = model.match_logits(local_tokens[rows], tokens.input_ids[texts].to(device),
+            logits = model.match_logits(local_tokens[rows].to(device), tokens.input_ids[texts].to(device),
                                         tokens.attention_mask[texts].to(device))
             scores.append(logits[:, 1].float().cpu())
         return torch.cat(scores) if scores else torch.zeros(0)
