@@ -200,3 +200,11 @@ def test_one_name_of_a_tied_tensor_is_enough(tmp_path):
     dst = small_stage2()
     dst.load_checkpoint(str(tmp_path / "untied_name.pth"))
     assert torch.equal(dst.opt_model.lm_head.weight, src.opt_model.lm_head.weight)
+
+
+@pytest.mark.parametrize("url", ["https://example.org/blip2_pretrained.pth", "http://host/x.pth"])
+def test_a_url_is_refused_as_a_url_not_as_a_missing_file(url):
+    """LAVIS's configs name checkpoints by URL and its loader downloads them; ours reads local files
+    only, and said "checkpoint file not found" of a URL."""
+    with pytest.raises(CheckpointError, match="a URL: lavis-point reads checkpoints from local files only"):
+        read_checkpoint(url)

@@ -29,6 +29,9 @@ class CheckpointError(RuntimeError):
 
 def read_checkpoint(path: str) -> dict:
     """The whole checkpoint object (a dict of plain data and tensors) from ``path``."""
+    if str(path).startswith(("http://", "https://")):
+        raise CheckpointError(f"{path}: a URL: lavis-point reads checkpoints from local files only (no "
+                              f"downloads at run time); download it and give its path")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
