@@ -121,8 +121,7 @@ class PointQFormer(PointQueryModel):
         (chunk, Q, T) products stay under SIMILARITY_CHUNK_VALUES (all P at once took P * Q * T * 4 bytes)."""
         chunk = max(1, SIMILARITY_CHUNK_VALUES // max(1, point_feats.shape[1] * text_feats.shape[0]))
         return torch.cat([torch.einsum("pqd,td->pqt", part, text_feats).max(dim=1).values
-                          for part in point_feats.split(chunk)]) if len(point_feats) else \
-            point_feats.new_zeros(0, text_feats.shape[0])
+                          for part in point_feats.split(chunk)])  # no clouds: one empty part, (0, T)
 
     def match_logits(self, point_tokens, input_ids, attention_mask):
         """Matching head: (B, 2) logits, class 1 = the text describes the cloud. ``point_tokens``: (B, G, W)
