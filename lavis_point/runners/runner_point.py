@@ -180,12 +180,11 @@ class RunnerPoint(RunnerBase):
             best_agg_metric, best_epoch = self._load_checkpoint(self.resume_ckpt_path)
         # after the resume: the loaders start at the resumed epoch
         warmup, schedule = int(self.config.run_cfg.get("warmup_steps", 0)), self.config.run_cfg.get("lr_sched")
-        if not self.evaluate_only and schedule in LAVIS_EPOCH0_WARMUP and warmup > len(self.train_loader):
+        if not self.evaluate_only and schedule in LAVIS_EPOCH0_WARMUP and warmup > (steps := len(self.train_loader)):
             raise ValueError(
-                f"run.warmup_steps ({warmup}) exceeds the {len(self.train_loader)} steps of an epoch (this "
-                f"run's data, batch size and number of processes): LAVIS's {schedule} warms up during the "
-                f"first epoch only, so the rate would stop short of run.init_lr and jump to it at the second. "
-                f"Set run.warmup_steps to at most {len(self.train_loader)}")
+                f"run.warmup_steps ({warmup}) exceeds the {steps} steps of an epoch (this run's data, batch size "
+                f"and number of processes): LAVIS's {schedule} warms up during the first epoch only, so the rate "
+                f"would stop short of run.init_lr and jump to it at the second. Set run.warmup_steps to at most {steps}")
         cur_epoch = self.start_epoch
         for cur_epoch in range(self.start_epoch, self.max_epoch):
             if not self.evaluate_only:
