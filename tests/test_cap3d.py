@@ -14,7 +14,9 @@ from omegaconf import OmegaConf
 
 import lavis_point  # noqa: F401
 from lavis_point.data_io.convert import convert_split
+from lavis_point.datasets.builders import read_index
 from lavis_point.datasets.cap3d import locate_clouds, read_annotations
+from lavis_point.datasets.packed import PackedEntries
 from tests import point_files as pf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,6 +112,17 @@ def test_shards_and_files_give_the_same_items_up_to_float16(cap3d_root):
             assert a["instance_id"] == b["instance_id"] and a["text_input"] == b["text_input"]
             if split != "train":  # eval items are deterministic: same cloud, same tensor (float16 storage)
                 assert torch.allclose(a["point"], b["point"], atol=2e-3)
+
+
+@pytest.mark.parametrize("source", ["shards", "files"])
+def test_datasets_hold_their_entries_packed_as_they_were_read(cap3d_root, source):
+    train = build(config(root=str(cap3d_root), source=source))["train"]
+    if source == "shards":
+        expected = read_index(str(cap3d_root / "shards" / "train.jsonl"), sharded=True)
+    else:
+        expected, _ = locate_clouds(read_annotations(str(cap3d_root / "annotations" / "train.json")),
+                                    str(cap3d_root / "clouds"))
+    assert isinstance(train.annotations, PackedEntries) and list(train.annotations) == expected
 
 
 @pytest.mark.parametrize("source, annotations", [("shards", "train.jsonl"), ("files", "train.json")])

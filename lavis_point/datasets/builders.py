@@ -9,6 +9,7 @@ from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
 from lavis_point.data_io.shards import ShardedClouds
 from lavis_point.datasets import shapes
+from lavis_point.datasets.packed import PackedEntries
 from lavis_point.datasets.point_caption import PointCaptionDataset, read_jsonl
 from lavis_point.paths import config_path
 
@@ -16,11 +17,13 @@ from lavis_point.paths import config_path
 def caption_dataset(builder, points, annotations, split, source, vocabularies=None):
     """One split of a caption builder, with the dataset options every caption builder honours:
     ``prompt`` (items carry it, for stage 2 mixing captions with QA) and ``match_by`` (annotation fields
-    that make items alike, ``PointCaptionDataset.set_match_by``). ``source`` names the annotations."""
+    that make items alike, ``PointCaptionDataset.set_match_by``). ``source`` names the annotations.
+    The dataset holds them packed (``PackedEntries``): DataLoader workers then share them instead of
+    each copying a dict per entry."""
     is_train = split == "train"
     kind = "train" if is_train else "eval"
-    dataset = PointCaptionDataset(points, annotations, builder.vis_processors[kind], builder.text_processors[kind],
-                                  is_train)
+    dataset = PointCaptionDataset(points, PackedEntries(annotations), builder.vis_processors[kind],
+                                  builder.text_processors[kind], is_train)
     dataset.vocabularies, dataset.prompt = vocabularies, builder.config.get("prompt")
     if builder.config.get("match_by"):
         dataset.set_match_by(list(builder.config.match_by), source)

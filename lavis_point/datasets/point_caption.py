@@ -6,6 +6,7 @@ A bad sample (unreadable cloud, no usable caption) is skipped and counted, never
 see bad_samples.py."""
 import hashlib
 import json
+from array import array
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -84,8 +85,9 @@ class PointCaptionDataset(Dataset):
     def __init__(self, points, annotations, vis_processor, text_processor, is_train):
         self.points, self.annotations = points, annotations
         self.vis_processor, self.text_processor, self.is_train = vis_processor, text_processor, is_train
-        # Once here, before DataLoader workers fork, not per item (~3 us each on the loading path).
-        self.match_ids = [match_key("id", ann.get("id")) for ann in annotations]
+        # Once here, before DataLoader workers fork, not per item (~3 us each on the loading path); an
+        # int64 array, which workers share (a list's int objects would be copied into each).
+        self.match_ids = array("q", (match_key("id", ann.get("id")) for ann in annotations))
 
     def set_match_by(self, fields, name="dataset"):
         """Items whose annotations agree on ``fields`` describe the same thing (the embedded set's
@@ -99,7 +101,7 @@ class PointCaptionDataset(Dataset):
                 raise ValueError(f"{name}: match_by {fields}: annotation {k} (id {ann.get('id')!r}) "
                                  f"has no {missing}")
             ids.append(match_key(fields, [ann[f] for f in fields]))
-        self.match_ids = ids
+        self.match_ids = array("q", ids)
 
     def __len__(self):
         return len(self.annotations)
@@ -129,13 +131,14 @@ class PointCaptionDataset(Dataset):
         items = []
         for k, (i, point) in enumerate(zip(indices, points.unbind(0))):  # unbind: the row views in one call
             point = point if finite[k] else None
-            items.append(load_or_skip(lambda j: self.load(j, point if j == i else None), i, len(self),
-                                      self.is_train, self.describe))
+            items.append(load_or_skip(lambda j: self.load(j, *((point, anns[k]) if j == i else ())), i,
+                                      len(self), self.is_train, self.describe))
         return items
 
-    def load(self, i, point=None):
-        """Item i; ``point``: its processed cloud when a batch made it already."""
-        ann = self.annotations[i]
+    def load(self, i, point=None, ann=None):
+        """Item i; ``point``: its processed cloud when a batch made it already, ``ann``: its annotation
+        when read already."""
+        ann = self.annotations[i] if ann is None else ann
         caption = self.caption_of(ann)
         if point is None:
             point = self.vis_processor(np.asarray(self.cloud_of(ann)))  # float16 rows: the processor converts
