@@ -364,3 +364,133 @@ print("converted", report["converted"])
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert done.returncode == 0 and "converted 4" in done.stdout, done.stderr[-2000:]
+
+
+def colour_clouds(folder, names):
+    """One 64-point cloud per name, each of its own colour, saved as {name}.npy: {name: cloud}."""
+    folder.mkdir(exist_ok=True)
+    clouds = {}
+    for k, name in enumerate(names):
+        clouds[name] = pf.coloured_cloud(64, seed=k)
+        clouds[name][:, 3:] = k / len(names)
+        np.save(folder / f"{name}.npy", clouds[name])
+    return clouds
+
+
+def test_an_interrupted_reconversion_leaves_no_index_pointing_at_rewritten_chunks(tmp_path, monkeypatch):
+    """An object added at the front shifts every chunk: the old index, left while chunk 0 is already
+    rewritten, would give o1's captions o0's cloud. It must go before any chunk changes."""
+    from lavis_point.datasets.builders import shard_datasets
+
+    folder, out, annotations = tmp_path / "clouds", str(tmp_path / "out"), tmp_path / "a.csv"
+    clouds = colour_clouds(folder, [f"o{i}" for i in range(7)])
+    annotations.write_text("".join(f"o{i},caption of o{i}\n" for i in range(1, 7)))
+    run_convert(str(annotations), str(folder), out, num_points=64, shard_size=2)
+    annotations.write_text("".join(f"o{i},caption of o{i}\n" for i in range(7)))
+    write_chunk = convert._write_chunk
+
+    def interrupted_after_writing(*args):
+        write_chunk(*args)
+        raise Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(convert, "_write_chunk", interrupted_after_writing)
+        with pytest.raises(Interrupted):
+            run_convert(str(annotations), str(folder), out, num_points=64, shard_size=2)
+    assert not os.path.exists(os.path.join(out, "train.jsonl"))
+    assert not os.path.exists(os.path.join(out, "train_report.json"))
+    with pytest.raises(FileNotFoundError, match="did not finish.*rerun scripts/convert_points.py"):
+        shard_datasets(None, out, ["train"])
+
+    run_convert(str(annotations), str(folder), out, num_points=64, shard_size=2)
+    index, rows = index_of(out), ShardedClouds(out, "train")
+    assert set(index) == set(clouds)
+    for object_id, cloud in clouds.items():
+        assert index[object_id]["captions"] == [f"caption of {object_id}"]
+        assert np.array_equal(rows[index[object_id]], cloud.astype(np.float16)), object_id
+
+
+def test_no_located_cloud_is_refused_without_touching_the_output(tmp_path):
+    """An empty or unmounted --clouds folder must not wipe the previous conversion."""
+    folder, empty, out, annotations = tmp_path / "clouds", tmp_path / "empty", str(tmp_path / "out"), tmp_path / "a.csv"
+    colour_clouds(folder, ["o0", "o1", "o2"])
+    empty.mkdir()
+    annotations.write_text("o0,a\no1,b\no2,c\n")
+    run_convert(str(annotations), str(folder), out, num_points=64, shard_size=2)
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    with pytest.raises(ValueError, match=r"none of the 3 objects has a cloud file in .*empty.*--clouds.*nothing in"):
+        run_convert(str(annotations), str(empty), out, num_points=64, shard_size=2)
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
+
+
+def test_a_missing_object_keeps_the_reason_it_was_not_located(tmp_path):
+    folder, out = tmp_path / "clouds", str(tmp_path / "out")
+    colour_clouds(folder, ["o0"])
+    located = [{"id": "o0", "path": str(folder / "o0.npy"), "captions": ["a"]}]
+    missing = [{"id": "twice", "point": None, "reason": "two files are named twice: twice.npy, b/twice.ply"},
+               {"id": "gone", "point": "gone.npy"}]
+    report = convert.convert_split(located, missing, str(folder), out, "train", num_points=64, progress=False)
+    assert [b["reason"] for b in report["bad_files"]] == ["two files are named twice: twice.npy, b/twice.ply",
+                                                          f"no cloud file found in {folder}"]
+
+
+def killed_on_o3(task):
+    """load_for_shard, except that the worker converting o3 dies as under the OOM killer."""
+    if task[1] == "o3":
+        os.kill(os.getpid(), 9)
+    return convert_load_for_shard(task)
+
+
+convert_load_for_shard = convert.load_for_shard
+
+
+def test_a_worker_that_dies_costs_its_object_only_and_does_not_hang(tmp_path, monkeypatch):
+    import signal
+
+    folder, out, annotations = tmp_path / "clouds", str(tmp_path / "out"), tmp_path / "a.csv"
+    clouds = colour_clouds(folder, [f"o{i}" for i in range(10)])
+    annotations.write_text("".join(f"o{i},caption of o{i}\n" for i in range(10)))
+
+    def hung(*_):
+        raise TimeoutError("the conversion hung after a worker died")
+
+    monkeypatch.setattr(convert, "load_for_shard", killed_on_o3)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        report = run_convert(str(annotations), str(folder), out, num_points=64, shard_size=4, workers=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [(b["id"], b["reason"]) for b in report["bad_files"]] == [
+        ("o3", "the worker converting it died (killed by the system, e.g. out of memory, or a crash in native code)")]
+    index, rows = index_of(out), ShardedClouds(out, "train")
+    assert set(index) == set(clouds) - {"o3"} and report["converted"] == 9
+    for object_id in index:  # as a conversion without the death stores them
+        assert np.array_equal(rows[index[object_id]], clouds[object_id].astype(np.float16)), object_id
+
+
+def test_each_file_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Otherwise, after a power loss, a chunk record could be on disk while its shard's data is not."""
+    folder, out, annotations = tmp_path / "clouds", tmp_path / "out", tmp_path / "a.csv"
+    colour_clouds(folder, ["o0", "o1", "o2"])
+    annotations.write_text("o0,a\no1,b\no2,c\n")
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def recorded_replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, os.path.basename(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    run_convert(str(annotations), str(folder), str(out), num_points=64, shard_size=2)
+    renamed = [k for k, e in enumerate(events) if e[0] == "replace"]
+    assert {events[k][2] for k in renamed} >= {"train_points_00000.npy", "train_points_00000_stats.npy",
+                                               "train_points_00000.json", "train.jsonl", "train_report.json"}
+    for k in renamed:
+        assert ("fsync", events[k][1]) in events[:k], events[k]  # the data first
+        assert events[k + 1] == ("fsync", os.stat(out).st_ino), events[k]  # then the rename

@@ -10,16 +10,18 @@ record lists each object of the chunk with its file's path, size and modificatio
 that list is still the same, and converted again otherwise (the report says why); other
 ``num_points`` or ``shard_size`` are refused. When every chunk is done, ``{split}.jsonl`` (the index,
 its captions from this run's annotations) and ``{split}_report.json`` (counts, each bad file and why,
-each chunk converted again and why) are written. Clouds are stored as read (xyz as is, rgb in [0, 1],
-white when absent), except one far from the origin for its size, which is stored centred (see
+each chunk converted again and why) are written; a run removes both before it changes any chunk, so an
+interrupted one leaves no index pointing at rewritten chunks. Clouds are stored as read (xyz as is, rgb
+in [0, 1], white when absent), except one far from the origin for its size, which is stored centred (see
 ``CENTRE_ABOVE``); a cloud with other than ``num_points`` points is resampled to it, with a seed from
 its id so reruns agree.
 """
 import hashlib
 import json
-import multiprocessing
 import os
 import re
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numba
 import numpy as np
@@ -107,7 +109,19 @@ def _replace_atomically(path, write):
     tmp = path + ".partial"
     with open(tmp, "wb") as f:
         write(f)
+        # on disk before the rename, or after a power loss the new name could stand for lost data
+        # (a chunk record vouching for a shard whose bytes never arrived)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:  # the rename itself, so that the files appear in the order they were written
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems refuse to fsync a directory
+        pass
 
 
 def _write_chunk(out, split, number, clouds, entries, bad, centred, sources):
@@ -183,12 +197,71 @@ def _remove_chunks_from(out, split, first):
             os.remove(os.path.join(out, name))
 
 
+WORKER_DIED = "the worker converting it died (killed by the system, e.g. out of memory, or a crash in native code)"
+
+
+def _executor(workers):
+    # One torch thread per worker: float16_of runs torch, whose default pool of cpu_count threads per
+    # worker oversubscribes the CPU, and whose OpenMP state, forked from a parent that ran a parallel
+    # torch op, deadlocks the worker's first parallel op unless it is single-threaded first.
+    return ProcessPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+
+
+class _Loader:
+    """load_for_shard over a chunk's tasks, in order, in ``workers`` processes (0: in this one). A worker
+    that dies (the OOM killer, a crash in native code) breaks the whole pool, so the tasks not yet
+    answered are then run one at a time, each death costing exactly its own object."""
+
+    def __init__(self, workers):
+        self.workers, self.pool = workers, None
+
+    def results(self, tasks):
+        if not self.workers:
+            yield from map(load_for_shard, tasks)
+            return
+        done = 0
+        try:
+            self.pool = self.pool or _executor(self.workers)
+            for result in self.pool.map(load_for_shard, tasks, chunksize=8):
+                yield result
+                done += 1
+            return
+        except BrokenProcessPool:
+            self.close()  # the next chunk gets a fresh pool
+        alone = None
+        try:
+            for task in tasks[done:]:
+                alone = alone or _executor(1)
+                try:
+                    result = alone.submit(load_for_shard, task).result()
+                except BrokenProcessPool:  # this task's worker died: a fresh one for the next
+                    alone.shutdown(wait=False)
+                    alone, result = None, ("bad", WORKER_DIED, None)
+                yield result
+        finally:
+            if alone:
+                alone.shutdown(wait=False, cancel_futures=True)
+
+    def close(self):
+        if self.pool:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
 def convert_split(entries, missing, folder, out, split, num_points=8192, shard_size=2048, workers=0,
                   progress=True) -> dict:
     """Convert located ``entries`` (each with "path"); ``missing`` ones are reported as bad. Returns the
     report (also written to ``{out}/{split}_report.json``)."""
+    if not entries and missing:  # all chunks would go: more likely a wrong or unmounted folder
+        raise ValueError(f"none of the {len(missing)} objects has a cloud file in {folder}; check --clouds "
+                         f"(a mount that is not up?); nothing in {out} was changed")
     os.makedirs(out, exist_ok=True)
     _check_manifest(out, split, {"num_points": num_points, "shard_size": shard_size})
+    # The old index and report go before any chunk changes: left beside rewritten chunks by an
+    # interruption, the index would map ids to rows that now hold other clouds. _finish writes both.
+    for name in (f"{split}.jsonl", f"{split}_report.json"):
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     chunks = [entries[i:i + shard_size] for i in range(0, len(entries), shard_size)]
     record_path = [os.path.join(out, shard_name(split, k)[:-4] + ".json") for k in range(len(chunks))]
     sources = [_sources(chunk, folder) for chunk in chunks]
@@ -197,15 +270,11 @@ def convert_split(entries, missing, folder, out, split, num_points=8192, shard_s
     todo = [k for k in range(len(chunks)) if why[k]]
     bar = tqdm(total=len(entries), initial=len(entries) - sum(len(chunks[k]) for k in todo), unit="cloud",
                desc=f"converting {split}", disable=not progress)
-    # One torch thread per worker: float16_of runs torch, whose default pool of cpu_count threads per
-    # worker oversubscribes the CPU, and whose OpenMP state, forked from a parent that ran a parallel
-    # torch op, deadlocks the worker's first parallel op unless it is single-threaded first.
-    pool = multiprocessing.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) \
-        if workers > 0 and todo else None
+    loader = _Loader(workers)
     try:
         for k in todo:
             tasks = [(e["path"], e["id"], num_points) for e in chunks[k]]
-            results = pool.imap(load_for_shard, tasks, chunksize=8) if pool else map(load_for_shard, tasks)
+            results = loader.results(tasks)
             clouds, index, bad, centred = [], [], [], []
             for entry, (status, value, moved) in zip(chunks[k], results):
                 source = os.path.relpath(entry["path"], folder)
@@ -223,15 +292,14 @@ def convert_split(entries, missing, folder, out, split, num_points=8192, shard_s
             _write_chunk(out, split, k, clouds, index, bad, centred, sources[k])
     finally:
         bar.close()
-        if pool:
-            pool.terminate()
+        loader.close()
     redone = [{"chunk": k, "why": why[k]} for k in todo if why[k] != "not converted yet"]
     return _finish(out, split, record_path, missing, folder, {e["id"]: e["captions"] for e in entries}, redone)
 
 
 def _finish(out, split, record_path, missing, folder, captions, redone):
-    index, bad = [], [{"id": e["id"], "path": e.get("point"), "reason": f"no cloud file found in {folder}"}
-                      for e in missing]
+    index, bad = [], [{"id": e["id"], "path": e.get("point"),
+                       "reason": e.get("reason") or f"no cloud file found in {folder}"} for e in missing]
     centred = []
     for path in record_path:
         with open(path, encoding="utf-8") as f:

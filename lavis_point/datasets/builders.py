@@ -1,5 +1,6 @@
 """Dataset builders registered in LAVIS's registry."""
 import os
+import re
 
 import numpy as np
 import torch.distributed as dist
@@ -86,6 +87,12 @@ def shard_datasets(builder, folder, splits, vocabularies=None):
             points = np.load(points_path, mmap_mode="r", allow_pickle=False)
         elif os.path.isfile(index_path):
             points = ShardedClouds(folder, split)
+        elif os.path.isdir(folder) and any(re.fullmatch(re.escape(split) + r"_points_\d{5}\.json", n)
+                                           for n in os.listdir(folder)):
+            # chunk records (data_io/shards.py shard_name) without an index: an interrupted conversion
+            raise FileNotFoundError(f"{index_path}: missing: the conversion of split '{split}' into {folder} did "
+                                    "not finish; rerun scripts/convert_points.py with the same arguments (it "
+                                    "resumes)")
         else:
             raise FileNotFoundError(f"{points_path}: no point shard for split '{split}' (nor an index "
                                     f"{split}.jsonl of numbered shards)")
