@@ -203,3 +203,52 @@ def test_a_captions_string_is_one_caption_and_a_zero_uid_is_an_id(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(rows))
     assert read_annotations(str(tmp_path / "a.json")) == [{"id": "0", "point": "x/b2.pkl",
                                                           "captions": ["a wooden chair"]}]
+
+
+@pytest.mark.parametrize("rows", [
+    [{"point": "a/model.npy", "caption": "a red chair"}, {"point": "b/model.npy", "caption": "a blue car"}],
+    [{"uid": "m", "point": "a/model.npy", "caption": "a red chair"},
+     {"uid": "m", "point": "b/model.npy", "caption": "a blue car"}],
+])
+def test_one_id_for_two_cloud_paths_is_refused(tmp_path, rows):
+    """ShapeNet / Objaverse-XL keep one model.* per folder: the stem is no id there. The second cloud was
+    dropped and its caption given to the first."""
+    (tmp_path / "a.json").write_text(json.dumps([{"point": "c.npy", "caption": "x"}] + rows))
+    with pytest.raises(ValueError) as caught:
+        read_annotations(str(tmp_path / "a.json"))
+    message = str(caught.value)
+    for part in (str(tmp_path / "a.json"), "entries 2 and 3", f"'{rows[0].get('uid', 'model')}'",
+                 "'a/model.npy'", "'b/model.npy'", "its own 'uid'"):
+        assert part in message, (part, message)
+
+
+def test_rows_for_one_cloud_or_one_csv_uid_still_merge_their_captions(tmp_path):
+    rows = [{"point": "a/model.npy", "caption": "one"}, {"uid": "b", "caption": "two"},
+            {"point": "a/model.npy", "caption": "three"}, {"uid": "b", "point": "x/b.npy", "caption": "four"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    assert read_annotations(str(tmp_path / "a.json")) == [
+        {"id": "model", "point": "a/model.npy", "captions": ["one", "three"]},
+        {"id": "b", "point": None, "captions": ["two", "four"]}]
+    (tmp_path / "a.csv").write_text("abc,a lamp\ndef,a chair\nabc,a desk lamp\n")
+    assert read_annotations(str(tmp_path / "a.csv")) == [
+        {"id": "abc", "point": None, "captions": ["a lamp", "a desk lamp"]},
+        {"id": "def", "point": None, "captions": ["a chair"]}]
+
+
+def test_an_id_naming_several_files_in_the_folder_is_missing_with_the_reason(tmp_path, caplog):
+    """Looked up by id (Cap3D's CSV has no paths), 'model' matched a/model.npy and b/model.pkl and the
+    first was taken silently."""
+    clouds = tmp_path / "clouds"
+    for name in ("a/model.npy", "b/model.pkl", "c/lamp.npy", "c/d/model.ply"):
+        (clouds / name).parent.mkdir(parents=True, exist_ok=True)
+        (clouds / name).write_bytes(b"")
+    (tmp_path / "a.csv").write_text("model,a chair\nlamp,a lamp\ngone,a ghost\n")
+    located, missing = locate_clouds(read_annotations(str(tmp_path / "a.csv")), str(clouds))
+    assert [(e["id"], e["path"]) for e in located] == [("lamp", str(clouds / "c" / "lamp.npy"))]
+    assert [e["id"] for e in missing] == ["model", "gone"] and "reason" not in missing[1]
+    reason = missing[0]["reason"]
+    for part in ("a/model.npy", "b/model.pkl", "c/d/model.ply", "'point'"):
+        assert part in reason, (part, reason)
+    build(config(root=str(tmp_path), source="files", clouds="clouds", splits=["train"],
+                 annotations={"train": str(tmp_path / "a.csv")}))
+    assert "2 of 3 objects" in caplog.text and "a/model.npy" in caplog.text

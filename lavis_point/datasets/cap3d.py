@@ -38,12 +38,18 @@ def read_annotations(path) -> list:
                              f"{type(rows).__name__}")
     else:
         raise ValueError(f"{path}: unknown annotation format '{ext}'; expected .json, .jsonl or .csv")
-    grouped = {}
+    grouped, numbers = {}, {}  # id -> entry; id -> number of the entry it was first read from
     for number, row in enumerate(rows, 1):
         entry = _entry(row, f"{path}: entry {number}")
         kept = grouped.setdefault(entry["id"], entry)
-        if kept is not entry:
-            kept["captions"].extend(entry["captions"])
+        numbers.setdefault(entry["id"], number)
+        if kept is entry:
+            continue
+        if kept["point"] and entry["point"] and kept["point"] != entry["point"]:
+            raise ValueError(f"{path}: entries {numbers[entry['id']]} and {number} both have id '{entry['id']}' "
+                             f"but name different clouds ('{kept['point']}' and '{entry['point']}'); one id must "
+                             f"name one cloud: give each entry its own 'uid'")
+        kept["captions"].extend(entry["captions"])
     return list(grouped.values())
 
 
@@ -84,26 +90,38 @@ def object_id(point_path) -> str:
 
 
 def index_cloud_files(folder) -> dict:
-    """object id -> path of every cloud file under ``folder`` (searched recursively)."""
+    """object id -> paths of the cloud files under ``folder`` with that id (searched recursively, in
+    sorted order; more than one path: the id is ambiguous)."""
     found = {}
-    for root, _, names in os.walk(folder):
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
         for name in sorted(names):
             if os.path.splitext(name)[1].lower() in CLOUD_EXTS:
-                found.setdefault(object_id(name), os.path.join(root, name))
+                found.setdefault(object_id(name), []).append(os.path.join(root, name))
     return found
 
 
 def locate_clouds(entries, folder):
     """(entries with "path" set, entries whose cloud file was not found). A "point" is taken relative to
-    ``folder`` (or as given, when absolute); failing that the object is looked up by id in ``folder``."""
+    ``folder`` (or as given, when absolute); failing that the object is looked up by id in ``folder``.
+    An id that several files share names none of them: that entry is missing, with a "reason"."""
     by_id, located, missing = None, [], []
     for entry in entries:
         point = entry.get("point")
         path = os.path.join(folder, point) if point else None
-        if path is None or not os.path.isfile(path):
-            by_id = index_cloud_files(folder) if by_id is None else by_id
-            path = by_id.get(entry["id"])
-        (located if path else missing).append({**entry, "path": path} if path else entry)
+        if path is not None and os.path.isfile(path):
+            located.append({**entry, "path": path})
+            continue
+        by_id = index_cloud_files(folder) if by_id is None else by_id
+        paths = by_id.get(entry["id"], [])
+        if len(paths) == 1:
+            located.append({**entry, "path": paths[0]})
+        elif paths:
+            shown = ", ".join(os.path.relpath(p, folder) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+            missing.append({**entry, "reason": f"{len(paths)} files in {folder} are named '{entry['id']}' "
+                                               f"({shown}); give the annotation a 'point' path to say which"})
+        else:
+            missing.append(entry)
     return located, missing
 
 
@@ -146,8 +164,10 @@ class Cap3DPointCaptionBuilder(BaseDatasetBuilder):
     def _files_dataset(self, annotation_path, folder, split):
         located, missing = locate_clouds(read_annotations(annotation_path), folder)
         if missing:  # a counted skip: the run goes on without them and says how many
+            first = missing[0]
             logging.warning(f"{annotation_path}: {len(missing)} of {len(located) + len(missing)} objects have "
-                            f"no cloud file in {folder} (first: {missing[0]['id']}); skipped")
+                            f"no cloud file in {folder} that is theirs alone (first: '{first['id']}': "
+                            f"{first.get('reason', 'no such file')}); skipped")
         if not located:
             raise FileNotFoundError(f"{annotation_path}: none of its objects has a cloud file in {folder}")
         return caption_dataset(self, CloudFiles(), located, split, annotation_path)
