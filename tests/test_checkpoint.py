@@ -1,6 +1,7 @@
 import argparse
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -73,10 +74,43 @@ def test_stage2_starts_from_a_stage1_file_ignoring_its_text_heads(tmp_path):
         small_stage2().load_checkpoint(path)  # as a finished stage-2 file it lacks the projection
 
 
-def test_a_checkpoint_that_pickles_objects_is_refused(tmp_path):
+class NotPlainData:
+    """A class of the test's own: nothing a checkpoint reader may rebuild."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def ulip2_style_file(encoder, path, args):
+    """ULIP's main.py: {'epoch', 'state_dict' (DDP names, the whole ULIP model), 'optimizer', 'scaler',
+    'best_acc1', 'args'}, with ``args`` its argparse.Namespace."""
+    state = {"module.point_encoder." + k: v for k, v in encoder.state_dict().items()}
+    state["module.pc_projection"] = torch.randn(encoder.width, 8)
+    torch.save({"epoch": 3, "state_dict": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]},
+                "scaler": {"scale": 65536.0}, "best_acc1": 60.1, "args": args}, path)
+    return str(path)
+
+
+def test_a_ulip2_file_with_its_argparse_namespace_loads_through_load_model(tmp_path):
+    """ULIP-2's released Point-BERT file pickles its argparse.Namespace: rebuilt as plain attributes,
+    it must not stop the README's encoder source."""
+    from lavis.models import load_model
+
+    source = load_model("point_bert", "tiny", is_eval=True)
+    path = ulip2_style_file(source, tmp_path / "ulip2.pt",
+                            argparse.Namespace(model="ULIP2_PointBERT_Colored", npoints=10000, lr=1e-3))
+    assert read_checkpoint(path)["args"].npoints == 10000
+    loaded = load_model("point_bert", "tiny", is_eval=True, checkpoint=path)
+    assert loaded.weights_from == path
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))
+
+
+@pytest.mark.parametrize("extra", [NotPlainData(1), argparse.Namespace(inner=NotPlainData(1))],
+                         ids=["own_class", "own_class_inside_a_namespace"])
+def test_a_checkpoint_that_pickles_other_objects_is_refused_by_name(tmp_path, extra):
     path = str(tmp_path / "evil.pth")
-    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, path)
-    with pytest.raises(CheckpointError, match="weights_only"):
+    torch.save({"model": {}, "args": extra}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused to load: .*weights_only=True.*NotPlainData"):
         read_checkpoint(path)
 
 
@@ -208,3 +242,37 @@ def test_a_url_is_refused_as_a_url_not_as_a_missing_file(url):
     only, and said "checkpoint file not found" of a URL."""
     with pytest.raises(CheckpointError, match="a URL: lavis-point reads checkpoints from local files only"):
         read_checkpoint(url)
+
+
+def without_keys(state, prefix):
+    cut = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    assert 0 < len(state) - len(cut) < sum(k.startswith(prefix.split(".")[0] + ".") for k in state)
+    return cut
+
+
+@pytest.mark.parametrize("make, prefix", [
+    (lambda: small_stage1(freeze_encoder=True), "point_encoder.blocks.blocks.0."),
+    (lambda: small_stage1(freeze_encoder=False), "point_encoder.blocks.blocks.0."),
+    (lambda: small_stage2(freeze_encoder=True, freeze_opt=True), "opt_model.model.decoder.layers.0."),
+], ids=["frozen_encoder", "trained_encoder", "frozen_opt"])
+def test_a_pretrained_file_holding_part_of_an_optional_part_is_refused(tmp_path, make, prefix):
+    """What a ``pretrained`` file may lack (the point encoder, the OPT) it may lack whole, never in part:
+    a file with the encoder's first layers and not the rest left the rest random (and, frozen, unnoticed)."""
+    path = str(tmp_path / "half.pth")
+    torch.save({"model": without_keys(make().state_dict(), prefix)}, path)
+    part = prefix.split(".")[0]
+    with pytest.raises(CheckpointError, match=rf"half\.pth: .*\n.*missing keys \(\d+\): \['{re.escape(prefix)}"
+                                              rf"(.|\n)*{part}: the file holds some of its weights but not all"):
+        make().load_from_pretrained(path)
+
+
+def test_long_key_lists_in_a_load_error_are_cut_to_ten_and_a_count_by_part(tmp_path):
+    state = small_stage1().state_dict()
+    state.update({f"surprise.layer{i}.weight": torch.zeros(1) for i in range(12)})
+    torch.save(state, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError) as err:
+        small_stage1().load_checkpoint(str(tmp_path / "extra.pth"))
+    message = str(err.value)
+    assert "unexpected keys (12): ['surprise.layer0.weight'," in message
+    assert "'surprise.layer9.weight'] and 2 more (by part: surprise.* 12)" in message
+    assert "surprise.layer10" not in message

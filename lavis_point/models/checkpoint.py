@@ -1,6 +1,8 @@
 """One checkpoint contract for every model, resume and eval.
 
-- Files are read with ``torch.load(weights_only=True)``: a checkpoint cannot run code when read.
+- Files are read with ``torch.load(weights_only=True)``: a checkpoint cannot run code when read. One
+  class beyond plain data is allowed: ``argparse.Namespace`` (ULIP's files pickle their ``args``),
+  rebuilt as a bag of attributes, which runs no code.
 - A state dict may sit bare, under ``"model"`` or ``"state_dict"``, with or without ``module.``.
 - Keys of *frozen* top-level parts (a frozen encoder, a frozen OPT) may be absent: runner checkpoints
   leave them out. They are reported, never required. A part is absent whole or present whole: a file
@@ -10,13 +12,17 @@
 - Of names the model ties to one tensor, one in the file is enough.
 - Keys a model declares ignorable (regexes: stage-1 heads when stage 2 starts from a stage-1 file,
   an image encoder in a BLIP-2 file) are reported and skipped.
-- Keys a model declares optional for a load (what stage 2 adds to a stage-1 file) may be absent.
-- Anything else missing, unexpected or mis-shaped stops with an error that lists the keys.
+- Parts a model declares optional for a load (what stage 2 adds to a stage-1 file) may be absent,
+  whole too: a file holding any parameter of one must hold all its keys.
+- Anything else missing, unexpected or mis-shaped stops with an error that lists the keys (the first
+  ten of each kind, and how many more).
 """
+import argparse
 import logging
 import os
 import pickle
 import re
+from collections import Counter
 
 import torch
 
@@ -42,7 +48,8 @@ def read_checkpoint(path: str) -> dict:
     if (looks_like := _not_a_checkpoint(head)) is not None:
         raise CheckpointError(f"{path}: {looks_like}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to load: it holds objects beyond tensors and plain containers, and "
@@ -132,12 +139,12 @@ def frozen_prefixes(model: torch.nn.Module) -> list:
 
 
 def holds_parameters_of(state_dict: dict, model: torch.nn.Module, part: str) -> bool:
-    """Whether ``state_dict`` holds any parameter of ``model``'s top-level ``part`` ("point_encoder.")
-    under the name ``named_parameters()`` gives it. What LAVIS's runner keeps of a frozen part does not
-    count: its buffers (BatchNorm statistics) and the second name of a tied weight (the OPT's
-    ``lm_head.weight``, tied to its input embeddings), since the runner drops parameters by those names."""
-    child = model.get_submodule(part.rstrip("."))
-    return any(part + name in state_dict for name, _ in child.named_parameters())
+    """Whether ``state_dict`` holds any parameter of ``model``'s ``part`` (a prefix: "point_encoder.",
+    "pc_projection") under the name ``named_parameters()`` gives it. What LAVIS's runner keeps of a
+    frozen part does not count: its buffers (BatchNorm statistics) and the second name of a tied weight
+    (the OPT's ``lm_head.weight``, tied to its input embeddings), since the runner drops parameters by
+    those names."""
+    return any(name.startswith(part) and name in state_dict for name, _ in model.named_parameters())
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict:
@@ -152,6 +159,17 @@ def _partition(keys, accept):
     for k in keys:
         (yes if accept(k) else no).append(k)
     return yes, no
+
+
+def _listed(keys, limit=10):
+    """The first ``limit`` keys, then how many more and under which top-level parts: a load error stays
+    readable at GPT4Point size and still names every part it concerns."""
+    keys = list(keys)
+    if len(keys) <= limit:
+        return str(keys)
+    parts = Counter(k.split(".")[0] + (".*" if "." in k.split(":")[0] else "") for k in keys)
+    return (f"{keys[:limit]} and {len(keys) - limit} more (by part: "
+            f"{', '.join(f'{part} {n}' for part, n in parts.items())})")
 
 
 def _tied_groups(model):
@@ -177,9 +195,10 @@ def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), 
                             frozen_may_be_absent=True):
     """Load ``state_dict`` into ``model`` under the contract above; returns a summary dict.
     ``frozen_may_be_absent=False``: every key is required, frozen or not (a file made for this module)."""
-    absent_parts = [part for part in (frozen_prefixes(model) if frozen_may_be_absent else ())
-                    if not holds_parameters_of(state_dict, model, part)]
-    optional = tuple(optional_prefixes) + tuple(absent_parts)
+    # A part that may be absent (frozen, or optional for this load) is absent whole or present whole.
+    parts = list(optional_prefixes) + (frozen_prefixes(model) if frozen_may_be_absent else [])
+    present, absent = _partition(dict.fromkeys(parts), lambda part: holds_parameters_of(state_dict, model, part))
+    optional = tuple(absent)
     ignore = [re.compile(p) for p in ignore_patterns]
     own = model.state_dict()
     ignored, unexpected = _partition((k for k in state_dict if k not in own),
@@ -195,11 +214,14 @@ def load_state_dict_checked(model, state_dict, source="", optional_prefixes=(), 
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
+        problems.append(f"missing keys ({len(missing)}): {_listed(missing)}")
+        problems.extend(f"{part.rstrip('.')}: the file holds some of its weights but not all; it may be absent "
+                        f"as a whole, never in part (a file cut short, or made for another config?)"
+                        for part in present if any(k.startswith(part) for k in missing))
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
     if mis_shaped:
-        problems.append(f"mis-shaped keys ({len(mis_shaped)}): {mis_shaped}")
+        problems.append(f"mis-shaped keys ({len(mis_shaped)}): {_listed(mis_shaped)}")
     elif disagreeing := _tied_disagreements(model, state_dict):
         problems.append(f"tied keys with different values ({len(disagreeing)}): {disagreeing} (the model holds one "
                         "tensor for each group: loading would keep one value and drop the other silently; a "

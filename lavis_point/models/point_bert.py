@@ -12,7 +12,13 @@ from lavis.common.registry import registry
 from lavis.models.base_model import BaseModel
 from timm.models.vision_transformer import Block
 
-from lavis_point.models.checkpoint import load_state_dict_checked, read_checkpoint, select_prefix, state_dict_of
+from lavis_point.models.checkpoint import (
+    CheckpointError,
+    load_state_dict_checked,
+    read_checkpoint,
+    select_prefix,
+    state_dict_of,
+)
 from lavis_point.models.grouping import group_points
 from lavis_point.paths import config_path
 
@@ -160,6 +166,13 @@ class PointBertEncoder(BaseModel):
         """Point-BERT weights in the GPT4Point or ULIP-2 layout: bare, under "model"/"state_dict",
         with or without a ``module.`` / ``point_encoder.`` prefix (so a whole stage-1 file works)."""
         state = state_dict_of(read_checkpoint(url_or_filename), url_or_filename)
+        if not any(k.startswith("point_encoder.") for k in state) and any(
+                k.startswith(("Qformer.", "query_tokens")) for k in state):
+            raise CheckpointError(
+                f"{url_or_filename}: a GPT4Point/LAVIS model file with no point encoder weights (Q-Former keys "
+                f"but no point_encoder.*: its runner left the frozen encoder out). Give point_bert a file that "
+                f"holds the encoder: ULIP-2's Point-BERT (load_model('point_bert', 'ulip2', checkpoint=PATH)), "
+                f"or a whole file that has point_encoder.* keys")
         state = select_prefix(state, "point_encoder.")
         summary = load_state_dict_checked(self, state, source=url_or_filename, frozen_may_be_absent=False)
         self.weights_from = url_or_filename
