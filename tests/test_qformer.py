@@ -167,3 +167,43 @@ def test_an_untied_lm_decoder_is_its_own_parameter_started_from_the_embeddings(t
     init_qformer_from_bert(q, str(tmp_path))
     assert q.cls.predictions.decoder.weight is not q.bert.embeddings.word_embeddings.weight
     assert torch.equal(q.cls.predictions.decoder.weight, q.bert.embeddings.word_embeddings.weight)
+
+
+# --- a BERT folder whose model.safetensors is not the weights -------------------------------------
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 440449768\n"
+
+
+def test_a_git_lfs_pointer_for_model_safetensors_is_named_with_what_to_do(tmp_path):
+    """A git clone of bert-base-uncased without git-lfs leaves a text pointer: safetensors said only
+    "Error while deserializing header: header too large", naming neither the file nor the cause."""
+    from lavis_point.models.checkpoint import CheckpointError
+
+    (tmp_path / "model.safetensors").write_bytes(LFS_POINTER)
+    with pytest.raises(CheckpointError, match="a git-lfs pointer, not the weights.*git lfs pull") as caught:
+        init_qformer_from_bert(QFormer(**SMALL), str(tmp_path))
+    assert str(tmp_path / "model.safetensors") in str(caught.value)
+
+
+def test_an_unreadable_safetensors_file_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from lavis_point.models.checkpoint import CheckpointError
+
+    path = tmp_path / "bert.safetensors"
+    save_file({"embeddings.word_embeddings.weight": torch.ones(50, 32)}, str(path))
+    path.write_bytes(path.read_bytes()[:100])  # an interrupted download
+    with pytest.raises(CheckpointError, match="not a readable safetensors file") as caught:
+        init_qformer_from_bert(QFormer(**SMALL), str(path))
+    assert str(path) in str(caught.value) and "download it again" in str(caught.value)
+
+
+def test_a_folder_whose_model_safetensors_is_a_pointer_reads_its_pytorch_model_bin(tmp_path, caplog):
+    bert = _legacy_bert_folder(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(LFS_POINTER)
+    q = QFormer(**{**SMALL, "vocab_size": 51})
+    with caplog.at_level("WARNING"):
+        init_qformer_from_bert(q, str(tmp_path))
+    assert torch.equal(q.state_dict()["bert.encoder.layer.1.output.dense.weight"],
+                       bert.state_dict()["bert.encoder.layer.1.output.dense.weight"])
+    assert str(tmp_path / "model.safetensors") in caplog.text and "pytorch_model.bin instead" in caplog.text

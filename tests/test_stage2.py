@@ -291,3 +291,63 @@ def test_running_past_the_position_table_is_refused_with_the_lengths():
     with pytest.raises(ValueError, match="max_position_embeddings \\(64\\)"):
         model({"point": clouds(), "text_input": ["a " + "very " * 70 + "red cube", "a sphere"]})
     assert len(model.generate({"point": clouds()}, num_beams=1, max_length=64 - 4 - n)) == 2  # just fits
+
+
+# --- a frozen OPT that no file gives weights ----------------------------------------------------
+
+
+def stage2_config(**model):
+    """A point_opt config of the small models, its OPT built from opt_config (no opt_model)."""
+    from omegaconf import OmegaConf
+
+    from tests.small_models import ENCODER, OPT, QFORMER
+
+    return OmegaConf.create(dict(point_encoder=ENCODER, qformer=QFORMER, num_query_token=4, opt_config=OPT,
+                                 opt_tokenizer="asset:tiny_opt_tokenizer", prompt="a 3D point cloud of ", **model))
+
+
+@pytest.mark.parametrize("freeze", [{}, {"freeze_opt": True}])  # freeze_opt defaults to true
+def test_a_config_freezing_a_random_opt_is_refused(tmp_path, freeze):
+    """A frozen random OPT learns nothing and no runner checkpoint holds it: evaluation built another
+    random OPT, and nobody was told. A run's checkpoint without the OPT does not make it any better."""
+    from lavis_point.models.point_opt import PointOPT
+
+    with pytest.raises(ValueError, match=r"model\.freeze_opt is true.*model\.opt_model is null") as caught:
+        PointOPT.from_config(stage2_config(**freeze))
+    assert "Set model.freeze_opt: false" in str(caught.value)
+    frozen = small_stage2(freeze_opt=True)
+    runner_file = str(tmp_path / "checkpoint_best.pth")  # what our runner saves of a frozen OPT: nothing
+    torch.save({"model": trainable_state_dict(frozen)}, runner_file)
+    lavis_file = str(tmp_path / "lavis_runner.pth")  # LAVIS's keeps the head tied to the embeddings, no layer
+    torch.save({"model": {**trainable_state_dict(frozen),
+                          "opt_model.lm_head.weight": frozen.opt_model.lm_head.weight}}, lavis_file)
+    for path in (runner_file, lavis_file):
+        with pytest.raises(ValueError, match=r"model\.freeze_opt is true.*model\.opt_model is null") as caught:
+            PointOPT.from_config(stage2_config(finetuned=path, **freeze))
+        assert f"{path} holds no opt_model weights" in str(caught.value)
+    assert not PointOPT.from_config(stage2_config(freeze_opt=False)).frozen_parts()
+
+
+def test_building_with_the_default_freeze_opt_and_no_opt_model_is_refused():
+    """freeze_opt defaults to true; without opt_model that froze a random OPT. Passing freeze_opt=True
+    says the caller loads the OPT's weights itself (as from_config does from its files)."""
+    from lavis_point.models.point_opt import PointOPT
+    from tests.small_models import ENCODER, OPT, QFORMER
+
+    with pytest.raises(ValueError, match=r"freeze_opt is true but opt_model is null.*Set freeze_opt: false"):
+        PointOPT(opt_config=OPT, opt_tokenizer="asset:tiny_opt_tokenizer", point_encoder_cfg=ENCODER,
+                 qformer_cfg=QFORMER, num_query_token=4)
+    assert small_stage2(freeze_opt=True).frozen_parts() == ["opt_model"]
+
+
+def test_a_frozen_opt_without_opt_model_builds_when_its_checkpoint_holds_the_opt(tmp_path):
+    """A file holding the whole OPT (run.save_frozen_parts, or a trained OPT) gives it its weights."""
+    from lavis_point.models.point_opt import PointOPT
+
+    source = small_stage2()
+    path = str(tmp_path / "whole.pth")
+    torch.save({"model": source.state_dict()}, path)
+    model = PointOPT.from_config(stage2_config(finetuned=path))
+    assert model.frozen_parts() == ["opt_model"]
+    assert all(torch.equal(a, b) for a, b in zip(model.opt_model.state_dict().values(),
+                                                 source.opt_model.state_dict().values()))

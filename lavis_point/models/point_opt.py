@@ -56,6 +56,17 @@ def without_joining_space(prompt):
     return prompt[:-1] if prompt.endswith(" ") else prompt
 
 
+def random_frozen_opt(prefix="", files=()):
+    """The error for a frozen OPT that no pretrained model or file gives weights (``prefix``: "model."
+    for config options; ``files``: the config's files that lacked them)."""
+    held = f" and {' / '.join(files)} holds no opt_model weights" if files else ""
+    return ValueError(
+        f"point_opt: {prefix}freeze_opt is true but {prefix}opt_model is null{held}: the OPT built from "
+        f"{prefix}opt_config keeps random weights that training never changes and checkpoints leave out, so "
+        f"every later load builds another random OPT. Set {prefix}freeze_opt: false to train it, or give "
+        f"{prefix}opt_model a pretrained OPT (a local folder or a hub name)")
+
+
 @registry.register_model("point_opt")
 class PointOPT(PointQueryModel):
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -72,8 +83,15 @@ class PointOPT(PointQueryModel):
     )
     PRETRAINED_OPTIONAL = ("opt_proj.", "opt_model.")
 
-    def __init__(self, opt_model=None, opt_config=None, opt_tokenizer=None, freeze_opt=True,
+    def __init__(self, opt_model=None, opt_config=None, opt_tokenizer=None, freeze_opt=None,
                  prompt="", max_txt_len=32, **base):
+        """``freeze_opt``: None (the default) freezes the pretrained ``opt_model`` and refuses a random
+        OPT; True freezes a random OPT too, for a caller that then loads its weights (``from_config``
+        does, from its files, and refuses when they lack them)."""
+        if freeze_opt is None:
+            if not opt_model:
+                raise random_frozen_opt()
+            freeze_opt = True
         super().__init__(**base)
         tokenizer_path = resolve_asset(opt_tokenizer or opt_model)
         self.opt_tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, use_fast=False)
@@ -96,17 +114,24 @@ class PointOPT(PointQueryModel):
 
     @classmethod
     def from_config(cls, cfg):
-        opt_config = cfg.get("opt_config")
+        opt_config, opt_model, freeze_opt = cfg.get("opt_config"), cfg.get("opt_model") or None, cfg.get("freeze_opt")
         model = cls(
-            opt_model=cfg.get("opt_model") or None,
+            opt_model=opt_model,
             opt_config=OmegaConf.to_container(opt_config, resolve=True) if opt_config is not None else None,
             opt_tokenizer=cfg.get("opt_tokenizer"),
-            freeze_opt=cfg.get("freeze_opt", True),
+            freeze_opt=True if freeze_opt is None else bool(freeze_opt),  # a frozen random OPT: see below
             prompt=cfg.get("prompt", ""),
             max_txt_len=cfg.get("max_txt_len", 32),
             **cls.base_kwargs(cfg),
         )
+        # Loading writes parameters in place, which torch counts in each tensor's _version. Every OPT
+        # parameter, not one: LAVIS's runner keeps the head tied to the embeddings, and no layer.
+        versions = [p._version for p in model.opt_model.parameters()]
         model.load_pretrained_from_config(cfg)
+        opt_loaded = all(p._version != v for p, v in zip(model.opt_model.parameters(), versions))
+        if model.freeze_opt and not opt_model and not opt_loaded:  # then every later load is another OPT
+            files = [str(cfg[k]) for k in ("pretrained", "finetuned") if cfg.get(k)]
+            raise random_frozen_opt("model.", files)
         return model
 
     def train(self, mode=True):

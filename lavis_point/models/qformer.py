@@ -274,22 +274,46 @@ class QFormer(nn.Module):
 
 
 def bert_state_dict(path: str) -> dict:
-    """Weights of a BERT folder or file (safetensors, or a torch file read with weights_only)."""
+    """Weights of a BERT folder or file (safetensors, or a torch file read with weights_only). A folder's
+    model.safetensors comes first; when it is unreadable (a git-lfs pointer), its pytorch_model.bin."""
     import os
 
+    from lavis_point.models.checkpoint import CheckpointError
+
+    files = [path]
+    if os.path.isdir(path):
+        files = [os.path.join(path, name) for name in ("model.safetensors", "pytorch_model.bin")
+                 if os.path.isfile(os.path.join(path, name))]
+        if not files:
+            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this BERT folder")
+    for i, file in enumerate(files):
+        try:
+            state = _read_weights(file)
+            break
+        except CheckpointError as e:
+            if i + 1 == len(files):
+                raise
+            log.warning("%s; reading %s instead", e, os.path.basename(files[i + 1]))
+    return {_modern_name(k[len("bert."):] if k.startswith("bert.") else k): v for k, v in state.items()}
+
+
+def _read_weights(path: str) -> dict:
+    """The tensors of one file; ``CheckpointError`` naming the file when it holds none."""
     from safetensors.torch import load_file
 
-    from lavis_point.models.checkpoint import read_checkpoint, state_dict_of
+    from lavis_point.models.checkpoint import CheckpointError, read_checkpoint, state_dict_of
 
-    if os.path.isdir(path):
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if os.path.isfile(os.path.join(path, name)):
-                path = os.path.join(path, name)
-                break
-        else:
-            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this BERT folder")
-    state = load_file(path) if path.endswith(".safetensors") else state_dict_of(read_checkpoint(path), path)
-    return {_modern_name(k[len("bert."):] if k.startswith("bert.") else k): v for k, v in state.items()}
+    if not path.endswith(".safetensors"):
+        return state_dict_of(read_checkpoint(path), path)
+    with open(path, "rb") as f:
+        if f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"version https://git-lfs"):
+            raise CheckpointError(f"{path}: a git-lfs pointer, not the weights (a git clone without git-lfs): "
+                                  f"run git lfs pull in its repository, or download the file itself")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own errors name neither the file nor what to do
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}): download it again "
+                              f"(git lfs pull in a git clone)") from e
 
 
 def _modern_name(key: str) -> str:
