@@ -64,6 +64,12 @@ def read_checkpoint(path: str) -> dict:
     return obj
 
 
+def is_git_lfs_pointer(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is a git-lfs pointer (a clone without git-lfs leaves these
+    text files where the weights should be)."""
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith(b"version https://git-lfs")
+
+
 def _not_a_checkpoint(head: bytes):
     """What a file starting with ``head`` looks like when torch.save cannot have written it (it writes
     a zip archive; before torch 1.6, a pickle stream of protocol 2 or more; before 0.4, a tar
@@ -75,7 +81,7 @@ def _not_a_checkpoint(head: bytes):
     if not head:
         return "an empty file, not a checkpoint (an interrupted download or save?)"
     start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if start.startswith(b"version https://git-lfs"):
+    if is_git_lfs_pointer(head):
         return ("a git-lfs pointer, not the checkpoint: run git lfs pull in its repository "
                 "(or download the file itself)")
     if start.startswith((b"<!doctype html", b"<html")) or b"<html" in start:

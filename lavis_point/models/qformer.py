@@ -301,12 +301,12 @@ def _read_weights(path: str) -> dict:
     """The tensors of one file; ``CheckpointError`` naming the file when it holds none."""
     from safetensors.torch import load_file
 
-    from lavis_point.models.checkpoint import CheckpointError, read_checkpoint, state_dict_of
+    from lavis_point.models.checkpoint import CheckpointError, is_git_lfs_pointer, read_checkpoint, state_dict_of
 
     if not path.endswith(".safetensors"):
         return state_dict_of(read_checkpoint(path), path)
     with open(path, "rb") as f:
-        if f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"version https://git-lfs"):
+        if is_git_lfs_pointer(f.read(64)):
             raise CheckpointError(f"{path}: a git-lfs pointer, not the weights (a git clone without git-lfs): "
                                   f"run git lfs pull in its repository, or download the file itself")
     try:
